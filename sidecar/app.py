@@ -1,0 +1,429 @@
+"""The running sidecar: both ports, their handlers, lifecycle and signals.
+
+Owns: building the data-port server and the admin Application from a
+manifest, binding them, readiness, reloading the manifest (SIGHUP and
+``POST /admin/policy/reload``), and the drain on SIGTERM. Not here: what
+happens to a request (proxy.py), what the manifest means (manifest.py).
+
+Lifecycle on SIGTERM (or ``Sidecar.drain()``):
+1. ``/readyz`` turns false at once, so the orchestrator stops routing here;
+2. new connections are still accepted for ``listen.drain_delay`` (endpoints
+   take a moment to update; refusing them earlier drops requests);
+3. the listeners close; keep-alive connections close once idle; in-flight
+   requests get ``listen.grace`` to finish;
+4. streams still running then are ended cleanly (a complete chunked
+   message, not a reset), and the process exits 0.
+The defaults (1 s + 20 s) stay well inside Kubernetes' 30 s grace period.
+
+Admin safety: bound beyond loopback, the admin port refuses to start
+without a token; mutating admin calls always need ``Authorization: Bearer
+<token>``, compared in constant time, and are refused outright while no
+token is configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+
+from sidecar import log
+from sidecar.errors import ErrorCode, ManifestError, SidecarError, error_body
+from sidecar.manifest import Manifest, Router, load_manifest
+from sidecar.metrics import Metrics
+from sidecar.proxy import Exchange, Forwarder, Proxy, json_error
+from sidecar.upstream import Upstream
+
+
+# The readiness probe says who it is, so upstream logs (and test fakes) can
+# tell it from client traffic.
+_PROBE_HEADERS = [(b"User-Agent", b"sidecar-health/0.1")]
+
+
+class StartupError(SidecarError):
+    """The sidecar cannot start with this configuration; the message says why."""
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """``127.0.0.1:8090`` or ``[::1]:8090`` to (host, port)."""
+    host, _, port = text.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class _DataRequestHandler(RequestHandler):
+    """aiohttp's connection handler with the sidecar's error responses.
+
+    aiohttp answers requests its parser refuses with a plain-text 400; the
+    sidecar's contract is a JSON error in the OpenAI shape, and 431 for
+    header fields over the size ceiling.
+    """
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        if isinstance(exc, LineTooLong) or (message and "Too many headers" in message):
+            code = ErrorCode.HEADERS_TOO_LARGE
+            text = "request header fields too large (limits.max_header_bytes)"
+        elif status >= 500:
+            log.server.error("server.handler_failed", exc_info=exc)
+            code, text = ErrorCode.UPSTREAM_FAILED, "internal error in the sidecar"
+            resp = web.Response(status=500, body=error_body(code, text),
+                                content_type="application/json")
+            resp.force_close()
+            return resp
+        else:
+            code = ErrorCode.BAD_REQUEST
+            text = f"malformed HTTP request: {log.clip(message or 'bad request')}"
+        log.proxy.debug("proxy.bad_request", extra={"status": code.status, "why": text})
+        resp = web.Response(
+            status=code.status, body=error_body(code, text), content_type="application/json"
+        )
+        resp.force_close()
+        return resp
+
+
+class _DataServer(web.Server):
+    def __call__(self) -> RequestHandler:
+        return _DataRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class Sidecar:
+    """One sidecar process: a manifest, two listeners, and their state."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        *,
+        data_dir: str | os.PathLike[str],
+        reload_manifest: Callable[[], Manifest] | None = None,
+    ) -> None:
+        self.manifest = manifest
+        self.data_dir = Path(data_dir)
+        self._reload_manifest = reload_manifest
+        self.metrics = Metrics()
+        self.upstream = self._make_upstream(manifest)
+        self.proxy = Proxy(
+            router=Router(manifest.routes),
+            forwarder=Forwarder(
+                self.upstream, manifest.listen.forwarded, manifest.limits.max_body_bytes
+            ),
+            stages=[],
+            max_body_bytes=manifest.limits.max_body_bytes,
+            max_header_bytes=manifest.limits.max_header_bytes,
+            observe=self._observe,
+        )
+        self.started_at = time.time()
+        self.draining = False
+        self.upstream_ok = False
+        self.data_address: tuple[str, int] | None = None
+        self.admin_address: tuple[str, int] | None = None
+        self._runners: list[web.BaseRunner] = []
+        self._data_runner: web.ServerRunner | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._stopped = asyncio.Event()
+        self._drained = asyncio.Event()
+
+    # -- construction ---------------------------------------------------------
+
+    @staticmethod
+    def _make_upstream(manifest: Manifest) -> Upstream:
+        u = manifest.upstream
+        return Upstream(
+            manifest.upstream_urls[0],
+            connect_timeout_s=u.connect_timeout,
+            first_byte_timeout_s=u.first_byte_timeout,
+            idle_timeout_s=u.idle_timeout,
+            pool_size=u.pool_size,
+            pool_idle_s=u.pool_idle,
+        )
+
+    def _admin_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_post("/admin/policy/reload", self._admin_reload)
+        return app
+
+    # -- running --------------------------------------------------------------
+
+    async def start(self) -> None:
+        m = self.manifest
+        data_host, data_port = split_host_port(m.listen.data)
+        admin_host, admin_port = split_host_port(m.admin.listen)
+        if not is_loopback(admin_host) and not m.admin.token:
+            raise StartupError(
+                f"the admin port would listen on {m.admin.listen}, beyond loopback,"
+                " without an admin token: set SIDECAR_ADMIN_TOKEN (or admin.token)"
+                " or bind admin.listen to 127.0.0.1"
+            )
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        limit = m.limits.max_header_bytes
+        server = _DataServer(
+            self.proxy.handle,
+            handler_cancellation=True,
+            max_line_size=2 * limit,
+            max_field_size=2 * limit,
+            max_headers=512,
+        )
+        self._data_runner = web.ServerRunner(server, shutdown_timeout=1.0)
+        await self._data_runner.setup()
+        admin_runner = web.AppRunner(self._admin_app(), shutdown_timeout=1.0,
+                                     handler_cancellation=True)
+        await admin_runner.setup()
+        self._runners = [self._data_runner, admin_runner]
+        try:
+            data_site = web.TCPSite(self._data_runner, data_host, data_port)
+            await data_site.start()
+            admin_site = web.TCPSite(admin_runner, admin_host, admin_port)
+            await admin_site.start()
+        except OSError as exc:
+            await self._cleanup_runners()
+            raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
+        self.data_address = _bound(data_site)
+        self.admin_address = _bound(admin_site)
+        self._spawn(self._health_loop(), "health")
+        log.server.info(
+            "sidecar.listening",
+            extra={
+                "data": "%s:%d" % self.data_address,
+                "admin": "%s:%d" % self.admin_address,
+                "upstream": ",".join(m.upstream_urls),
+                "manifest": m.source,
+                "digest": m.digest[:12],
+            },
+        )
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        # Strong references to background tasks: the loop keeps only weak ones.
+        task = asyncio.create_task(coro, name=f"sidecar.{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _health_loop(self) -> None:
+        path = "/health" if self.manifest.upstream.kind == "llama.cpp" else "/v1/models"
+        while not self.draining:
+            ok = False
+            try:
+                resp = await self.upstream.request("GET", path, _PROBE_HEADERS)
+                async with resp:
+                    async for _ in resp.iter_chunks():
+                        pass
+                # Any answer proves the upstream is reachable; llama.cpp's
+                # /health answers 503 while the model loads, which is not ready.
+                ok = resp.status < 500
+            except SidecarError:
+                ok = False
+            if ok != self.upstream_ok:
+                log.upstream.info("upstream.health_changed", extra={"ok": ok})
+            self.upstream_ok = ok
+            await asyncio.sleep(self.manifest.upstream.health_interval if ok else 1.0)
+
+    async def serve_until_signalled(self) -> None:
+        """Run until SIGTERM/SIGINT (then drain) ; SIGHUP reloads the manifest."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self._on_term)
+        loop.add_signal_handler(signal.SIGINT, self._on_term)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await self._stopped.wait()
+
+    def _on_term(self) -> None:
+        if not self.draining:
+            self._spawn(self.drain(), "drain")
+
+    async def drain(self) -> None:
+        """Stop gracefully: see the module docstring for the steps."""
+        self.draining = True
+        self.proxy.draining = True
+        listen = self.manifest.listen
+        log.server.info(
+            "sidecar.draining",
+            extra={"in_flight": self.proxy.in_flight, "grace_s": listen.grace},
+        )
+        await asyncio.sleep(listen.drain_delay)
+        if self._data_runner is not None:
+            for site in list(self._data_runner.sites):
+                await site.stop()
+            server = self._data_runner.server
+            if server is not None:
+                server.pre_shutdown()
+        deadline = time.monotonic() + listen.grace
+        while self.proxy.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.proxy.in_flight:
+            log.server.warning(
+                "sidecar.grace_expired", extra={"closing": self.proxy.in_flight}
+            )
+            self.proxy.end_streams()
+            end = time.monotonic() + 1.0
+            while self.proxy.in_flight and time.monotonic() < end:
+                await asyncio.sleep(0.02)
+        await self.close()
+        log.server.info("sidecar.stopped")
+        self._stopped.set()
+
+    async def close(self) -> None:
+        self.draining = True
+        for task in list(self._tasks):
+            if task is not asyncio.current_task():
+                task.cancel()
+        await self._cleanup_runners()
+        await self.upstream.close()
+
+    async def _cleanup_runners(self) -> None:
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners = []
+
+    # -- manifest reload ------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Load the manifest again; a bad one leaves the old one in force."""
+        if self._reload_manifest is None:
+            return False
+        try:
+            new = self._reload_manifest()
+        except ManifestError as exc:
+            self.metrics.policy_reloads.inc({"result": "error"})
+            log.manifest.error(
+                "manifest.reload_failed",
+                extra={"errors": len(exc.errors), "first": exc.errors[0] if exc.errors else ""},
+            )
+            return False
+        self._apply(new)
+        self.metrics.policy_reloads.inc({"result": "ok"})
+        log.manifest.info(
+            "manifest.reloaded",
+            extra={"source": new.source, "digest": new.digest[:12], "routes": len(new.routes)},
+        )
+        return True
+
+    def _apply(self, new: Manifest) -> None:
+        old = self.manifest
+        if (new.listen.data, new.admin.listen) != (old.listen.data, old.admin.listen):
+            log.manifest.warning("manifest.listen_change_needs_restart")
+        if new.upstream_urls != old.upstream_urls or new.upstream != old.upstream:
+            previous = self.upstream
+            self.upstream = self._make_upstream(new)
+            # Responses in flight keep their own connections; only new
+            # requests use the new pool.
+            self._spawn(_close_later(previous), "close-old-upstream")
+        self.proxy.router = Router(new.routes)
+        self.proxy.forwarder = Forwarder(
+            self.upstream, new.listen.forwarded, new.limits.max_body_bytes
+        )
+        self.proxy.max_body_bytes = new.limits.max_body_bytes
+        self.proxy.max_header_bytes = new.limits.max_header_bytes
+        self.manifest = new
+
+    # -- per-request accounting -----------------------------------------------
+
+    def _observe(self, ex: Exchange, duration_s: float) -> None:
+        route = ex.route.name
+        m = self.metrics
+        m.requests.inc({"route": route, "code": str(ex.status)})
+        m.request_duration.observe({"route": route, "cache": ex.cache}, duration_s)
+        if ex.upstream_s is not None:
+            m.upstream_duration.observe({"route": route}, ex.upstream_s)
+        log.access.info(
+            "http.request",
+            extra={
+                "method": ex.request.method,
+                "route": route,
+                "status": ex.status,
+                "duration_ms": round(duration_s * 1000, 3),
+                "cache": ex.cache,
+                "upstream_ms": None if ex.upstream_s is None else round(ex.upstream_s * 1000, 3),
+                "bytes": ex.bytes_out,
+                **({"cut": True} if ex.cut else {}),
+            },
+        )
+
+    # -- admin handlers -------------------------------------------------------
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive", "uptime_s": round(time.time() - self.started_at, 3)})
+
+    @property
+    def ready(self) -> bool:
+        return not self.draining and self.upstream_ok
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        body = {"ready": self.ready, "draining": self.draining, "upstream": self.upstream_ok}
+        return web.json_response(body, status=200 if self.ready else 503)
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        m = self.metrics
+        m.in_flight.set({}, self.proxy.in_flight)
+        m.upstream_in_flight.set({}, self.upstream.in_flight)
+        body, headers = m.render(request.headers.getall("Accept", []))
+        return web.Response(body=body, headers=headers)
+
+    def _authorized(self, request: web.Request) -> web.Response | None:
+        token = self.manifest.admin.token
+        if not token:
+            return json_error(
+                ErrorCode.UNAUTHORIZED,
+                "mutating admin calls need an admin token; none is configured"
+                " (set SIDECAR_ADMIN_TOKEN)",
+            )
+        given = request.headers.get("Authorization", "")
+        expected = "Bearer " + token
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return json_error(ErrorCode.UNAUTHORIZED, "missing or wrong admin token")
+        return None
+
+    async def _admin_reload(self, request: web.Request) -> web.Response:
+        refused = self._authorized(request)
+        if refused is not None:
+            return refused
+        ok = self.reload()
+        body = {"reloaded": ok, "digest": self.manifest.digest, "source": self.manifest.source}
+        return web.json_response(body, status=200 if ok else 422)
+
+
+async def _close_later(upstream: Upstream, delay_s: float = 30.0) -> None:
+    await asyncio.sleep(delay_s)
+    await upstream.close()
+
+
+def _bound(site: web.TCPSite) -> tuple[str, int]:
+    server = site._server
+    assert server is not None
+    sock = server.sockets[0]  # type: ignore[union-attr]
+    host, port = sock.getsockname()[:2]
+    return host, port
+
+
+def build_manifest_loader(
+    path: str | None, env: dict[str, str], flags: dict[str, str | None]
+) -> Callable[[], Manifest]:
+    def load() -> Manifest:
+        return load_manifest(path, env=env, flags=flags)
+
+    return load

@@ -1,0 +1,101 @@
+"""Named loggers and the two output formats (text and JSON).
+
+Every module logs through one of the loggers below. The message is a fixed,
+dotted event name (``upstream.connect_failed``); variable data travels in
+``extra`` and is printed as ``key=value`` pairs (text) or object fields (JSON).
+That keeps lines greppable and lets a log pipeline index fields.
+
+Never logged, anywhere: the ``Authorization`` header, cookies, API keys,
+prompts or completions. Log digests, byte counts and token counts instead;
+client-controlled strings go through ``clip()`` first.
+
+``SIDECAR_LOG_FORMAT=text|json`` and ``SIDECAR_LOG_LEVEL`` choose the output;
+``configure()`` is called once by the command line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, Final
+
+access = logging.getLogger("sidecar.access")
+proxy = logging.getLogger("sidecar.proxy")
+upstream = logging.getLogger("sidecar.upstream")
+cache = logging.getLogger("sidecar.cache")
+coalesce = logging.getLogger("sidecar.coalesce")
+sse = logging.getLogger("sidecar.sse")
+manifest = logging.getLogger("sidecar.manifest")
+server = logging.getLogger("sidecar.server")
+artifacts = logging.getLogger("sidecar.artifacts")
+state = logging.getLogger("sidecar.state")
+
+MAX_CLIENT_TEXT: Final = 200
+
+# Attributes every LogRecord has; anything else on a record came from `extra`.
+_STANDARD_ATTRS: Final = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys()
+    | {"message", "asctime", "taskName"}
+)
+
+
+def clip(text: str, limit: int = MAX_CLIENT_TEXT) -> str:
+    """Cap a client-controlled string before it reaches a log line."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _extras(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD_ATTRS}
+
+
+def _format_value(value: Any) -> str:
+    text = str(value)
+    if not text or any(c in text for c in ' ="\n'):
+        return json.dumps(text)
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-01-01T00:00:00.123Z INFO sidecar.access http.request key=value``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        parts = [
+            f"{stamp}.{int(record.msecs):03d}Z",
+            record.levelname,
+            record.name,
+            record.getMessage(),
+        ]
+        parts.extend(f"{k}={_format_value(v)}" for k, v in _extras(record).items())
+        line = " ".join(parts)
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line: ts, level, logger, event, then the extras."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "level": record.levelname,
+            "logger": record.name,
+            "event": record.getMessage(),
+        }
+        doc.update(_extras(record))
+        if record.exc_info:
+            doc["exc"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str, separators=(",", ":"))
+
+
+def configure(fmt: str = "text", level: str = "INFO") -> None:
+    """Route every ``sidecar.*`` logger to stderr in the chosen format."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger("sidecar")
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    root.propagate = False

@@ -1,0 +1,173 @@
+"""Every Prometheus metric the sidecar exports, with its exact meaning.
+
+One ``Metrics`` object per running sidecar owns its own aioprometheus
+``Registry`` (never the library's global one), so two sidecars in one test
+process never share counters. Names follow Prometheus conventions: ``_total``
+for counters, ``_seconds`` and ``_bytes`` for units, and label values are
+always bounded (route names from the manifest, status codes, fixed outcome
+words): never a user, a scope, a path or a key.
+
+The help strings below are the definitions; dashboards and alert rules rely
+on them, so change a meaning only together with its name.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from aioprometheus import Counter, Gauge, Histogram, Registry
+from aioprometheus.renderer import render
+
+# Latency buckets from 100 us (a memory hit) to 5 min (a long generation).
+LATENCY_BUCKETS: Final = (
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+
+
+class Metrics:
+    """The sidecar's metric families, registered in a private registry."""
+
+    def __init__(self) -> None:
+        self.registry = Registry()
+        r = self.registry
+        self.requests = Counter(
+            "sidecar_requests_total",
+            "Requests answered on the data port, by route and HTTP status code.",
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "sidecar_request_duration_seconds",
+            "Time from a request's arrival to the end of its response, by route"
+            " and cache outcome (hit, miss, bypass, coalesced, none).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "sidecar_upstream_duration_seconds",
+            "Time from sending a request upstream to the end of the upstream's"
+            " response body, by route.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "sidecar_in_flight_requests",
+            "Data-port requests being handled right now.",
+            registry=r,
+        )
+        self.upstream_in_flight = Gauge(
+            "sidecar_upstream_in_flight_requests",
+            "Requests sent upstream whose response has not ended yet.",
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "sidecar_upstream_errors_total",
+            "Upstream calls that failed, by route and kind (connect, timeout,"
+            " protocol, bad_header).",
+            registry=r,
+        )
+        self.cache_requests = Counter(
+            "sidecar_cache_requests_total",
+            "Cache decisions for data-port requests, by route and outcome (hit,"
+            " miss, or the reason a request was not served from or stored in"
+            " the cache).",
+            registry=r,
+        )
+        self.cache_tier_requests = Counter(
+            "sidecar_cache_tier_requests_total",
+            "Lookups in one cache tier, by tier (memory, disk) and outcome"
+            " (hit, miss, expired, corrupt).",
+            registry=r,
+        )
+        self.cache_entries = Gauge(
+            "sidecar_cache_entries",
+            "Entries held by a cache tier.",
+            registry=r,
+        )
+        self.cache_size = Gauge(
+            "sidecar_cache_size_bytes",
+            "Bytes held by a cache tier (stored size, after compression on disk).",
+            registry=r,
+        )
+        self.cache_evictions = Counter(
+            "sidecar_cache_evictions_total",
+            "Entries a cache tier evicted to stay under its ceilings.",
+            registry=r,
+        )
+        self.cache_latency_saved = Counter(
+            "sidecar_cache_latency_saved_seconds_total",
+            "Upstream time saved by cache hits: the stored upstream duration"
+            " minus the time taken to serve the hit, by route.",
+            registry=r,
+        )
+        self.cache_bytes_saved = Counter(
+            "sidecar_cache_bytes_saved_total",
+            "Response bytes served from the cache instead of the upstream, by route.",
+            registry=r,
+        )
+        self.coalesced = Counter(
+            "sidecar_coalesced_requests_total",
+            "Follower requests answered by another request's upstream call;"
+            " leaders not counted.",
+            registry=r,
+        )
+        self.coalescing_waiters = Gauge(
+            "sidecar_coalescing_waiters",
+            "Follower requests waiting on a leader right now.",
+            registry=r,
+        )
+        self.shed = Counter(
+            "sidecar_shed_requests_total",
+            "Requests refused with 503 because the upstream concurrency ceiling"
+            " and its queue were full, or the sidecar was draining, by reason.",
+            registry=r,
+        )
+        self.semantic_verifier = Counter(
+            "sidecar_semantic_verifier_total",
+            "Semantic-cache candidates checked by the verifier, by outcome"
+            " (accepted, rejected).",
+            registry=r,
+        )
+        self.prompt_tokens_reused = Counter(
+            "sidecar_prompt_tokens_reused_total",
+            "Prompt tokens the upstream reported as taken from its prompt cache,"
+            " by route and replica.",
+            registry=r,
+        )
+        self.prompt_tokens_evaluated = Counter(
+            "sidecar_prompt_tokens_evaluated_total",
+            "Prompt tokens the upstream reported as evaluated anew, by route and"
+            " replica.",
+            registry=r,
+        )
+        self.sse_subscribers = Gauge(
+            "sidecar_sse_subscribers",
+            "Clients subscribed to /state/stream right now.",
+            registry=r,
+        )
+        self.policy_reloads = Counter(
+            "sidecar_policy_reloads_total",
+            "Manifest reloads (SIGHUP or POST /admin/policy/reload), by result"
+            " (ok, error).",
+            registry=r,
+        )
+        self.client_errors = Counter(
+            "sidecar_client_errors_total",
+            "Requests refused by the sidecar itself before reaching the upstream,"
+            " by reason (ambiguous_framing, payload_too_large, headers_too_large,"
+            " bad_request).",
+            registry=r,
+        )
+        # Counters that must show 0 from the first scrape, so rate() and
+        # alerts work before the first event.
+        self.policy_reloads.set({"result": "ok"}, 0)
+        self.policy_reloads.set({"result": "error"}, 0)
+        self.in_flight.set({}, 0)
+        self.upstream_in_flight.set({}, 0)
+        self.sse_subscribers.set({}, 0)
+        self.coalescing_waiters.set({}, 0)
+
+    def render(self, accept: list[str]) -> tuple[bytes, dict[str, str]]:
+        """The exposition body and its headers, in the format ``accept`` asks for."""
+        body, headers = render(self.registry, accept)
+        return body, dict(headers)
