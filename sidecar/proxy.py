@@ -76,21 +76,40 @@ class Reply(Protocol):
 
 @dataclass(slots=True)
 class Exchange:
-    """One request on its way through the pipeline, and what happened to it."""
+    """One request on its way through the pipeline, and what happened to it.
+
+    Written by the stages in chain order; read by ``Sidecar._observe`` when the
+    request ends. Event-loop thread only.
+    """
 
     request: web.BaseRequest
     route: Any  # manifest.Route
     params: dict[str, str]
     started: float
+    # The body as it will be sent upstream, when a stage has read it (or it
+    # was small enough to read whole); None means "stream the client's body".
     body: bytes | None = None
+    # The parsed JSON body, when a stage parsed it (cache, prompt rewrite).
+    json: Any = None
+    # The caller's scope (an HMAC of its credential), set by the cache stage.
+    scope: str | None = None
+    # The action key (sha256), set when the request is cacheable.
+    action_key: bytes | None = None
+    # What the cache did (X-Sidecar-Cache) and, when not a hit, why.
     cache: str = "none"
     cache_reason: str | None = None
+    # Whether the answer was stored in the cache (None: not decided yet).
+    stored: bool | None = None
+    # Singleflight role: "leader", "follower" or "none".
     coalesced: str = "none"
+    # The upstream to send to (a replica chosen by a stage); None = default.
+    upstream: Upstream | None = None
     upstream_s: float | None = None
     status: int = 0
     bytes_out: int = 0
     replica: str | None = None
     cut: bool = False
+    # Response header fields the stages add (X-Sidecar-Cache, Age, ...).
     extra_headers: dict[str, str] = field(default_factory=dict)
 
 
@@ -171,15 +190,16 @@ class Forwarder:
             host=request.host,
             mode=self.forwarded_mode,
         )
+        upstream = ex.upstream or self.upstream
         started = time.perf_counter()
-        resp = await self.upstream.request(
+        resp = await upstream.request(
             request.method, request.raw_path, fields, body, content_length=length
         )
 
         def finished() -> None:
             ex.upstream_s = time.perf_counter() - started
 
-        ex.replica = self.upstream.authority
+        ex.replica = upstream.authority
         return UpstreamReply(resp, finished)
 
 

@@ -22,6 +22,9 @@ from tests.helpers.fake_upstream import FakeUpstream
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The real llama-server fixtures (llama_server, llama_replicas, ...).
+pytest_plugins = ["tests.helpers.llama"]
+
 
 @pytest.fixture
 async def fake_upstream() -> AsyncIterator[FakeUpstream]:
