@@ -126,7 +126,10 @@ class Sidecar:
         self.data_dir = Path(data_dir)
         self._reload_manifest = reload_manifest
         self.metrics = Metrics()
-        self.upstream = self._make_upstream(manifest)
+        # One pool per replica; the first is the default for every request a
+        # stage does not send elsewhere.
+        self.upstreams = self._make_upstreams(manifest)
+        self.upstream = self.upstreams[0]
         self.proxy = Proxy(
             router=Router(manifest.routes),
             forwarder=Forwarder(
@@ -151,16 +154,19 @@ class Sidecar:
     # -- construction ---------------------------------------------------------
 
     @staticmethod
-    def _make_upstream(manifest: Manifest) -> Upstream:
+    def _make_upstreams(manifest: Manifest) -> list[Upstream]:
         u = manifest.upstream
-        return Upstream(
-            manifest.upstream_urls[0],
-            connect_timeout_s=u.connect_timeout,
-            first_byte_timeout_s=u.first_byte_timeout,
-            idle_timeout_s=u.idle_timeout,
-            pool_size=u.pool_size,
-            pool_idle_s=u.pool_idle,
-        )
+        return [
+            Upstream(
+                url,
+                connect_timeout_s=u.connect_timeout,
+                first_byte_timeout_s=u.first_byte_timeout,
+                idle_timeout_s=u.idle_timeout,
+                pool_size=u.pool_size,
+                pool_idle_s=u.pool_idle,
+            )
+            for url in manifest.upstream_urls
+        ]
 
     def _admin_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024)
@@ -293,7 +299,8 @@ class Sidecar:
             if task is not asyncio.current_task():
                 task.cancel()
         await self._cleanup_runners()
-        await self.upstream.close()
+        for pool in self.upstreams:
+            await pool.close()
 
     async def _cleanup_runners(self) -> None:
         for runner in self._runners:
@@ -328,11 +335,13 @@ class Sidecar:
         if (new.listen.data, new.admin.listen) != (old.listen.data, old.admin.listen):
             log.manifest.warning("manifest.listen_change_needs_restart")
         if new.upstream_urls != old.upstream_urls or new.upstream != old.upstream:
-            previous = self.upstream
-            self.upstream = self._make_upstream(new)
+            previous = self.upstreams
+            self.upstreams = self._make_upstreams(new)
+            self.upstream = self.upstreams[0]
             # Responses in flight keep their own connections; only new
-            # requests use the new pool.
-            self._spawn(_close_later(previous), "close-old-upstream")
+            # requests use the new pools.
+            for pool in previous:
+                self._spawn(_close_later(pool), "close-old-upstream")
         self.proxy.router = Router(new.routes)
         self.proxy.forwarder = Forwarder(
             self.upstream, new.listen.forwarded, new.limits.max_body_bytes

@@ -5,6 +5,7 @@ Exception tree::
     SidecarError
      +-- ManifestError        a manifest (file, override) that does not validate
      +-- ClientRequestError   the client's request is refused (4xx)
+     +-- OverloadedError      shed: concurrency ceiling and queue full (503)
      +-- UpstreamError        the upstream failed to give a usable answer (5xx)
           +-- UpstreamConnectError   refused, unreachable, reset before a reply
           +-- UpstreamTimeoutError   connect, first byte or idle gap exceeded
@@ -79,6 +80,17 @@ class ClientRequestError(SidecarError):
         super().__init__(message)
         self.code = code
         self.message = message
+
+
+class OverloadedError(SidecarError):
+    """The request is shed (503 with ``Retry-After``) to protect the upstream."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0,
+                 code: ErrorCode = ErrorCode.OVERLOADED) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after_s = retry_after_s
+        self.code = code
 
 
 class UpstreamError(SidecarError):

@@ -43,6 +43,7 @@ from sidecar import log
 from sidecar.errors import (
     ClientRequestError,
     ErrorCode,
+    OverloadedError,
     UpstreamError,
     error_body,
 )
@@ -100,6 +101,9 @@ class Exchange:
     cache_reason: str | None = None
     # Whether the answer was stored in the cache (None: not decided yet).
     stored: bool | None = None
+    # Set by a stage that knows this answer must not be stored (a follower
+    # that gave up on its leader and went upstream itself, for example).
+    no_store: bool = False
     # Singleflight role: "leader", "follower" or "none".
     coalesced: str = "none"
     # The upstream to send to (a replica chosen by a stage); None = default.
@@ -201,6 +205,26 @@ class Forwarder:
 
         ex.replica = upstream.authority
         return UpstreamReply(resp, finished)
+
+
+async def read_body(ex: Exchange, max_bytes: int) -> bytes:
+    """The whole request body, read once and kept on the exchange.
+
+    For stages that must see the body (cache keys, prompt rewrites). Refuses
+    bodies over ``max_bytes`` with 413; aiohttp's own ``read()`` cap is not
+    used because its error is not the sidecar's.
+    """
+    if ex.body is not None:
+        return ex.body
+    request = ex.request
+    if not request.body_exists:
+        ex.body = b""
+        return ex.body
+    parts = []
+    async for chunk in _stream_body(request, max_bytes):
+        parts.append(chunk)
+    ex.body = b"".join(parts)
+    return ex.body
 
 
 async def _stream_body(request: web.BaseRequest, max_bytes: int) -> AsyncIterator[bytes]:
@@ -328,6 +352,10 @@ class Proxy:
             reply = await self._chain(ex)
         except ClientRequestError as exc:
             return self._refuse(request, exc.code, exc.message)
+        except OverloadedError as exc:
+            return json_error(
+                exc.code, exc.message, Retry_After=str(max(1, round(exc.retry_after_s)))
+            )
         except UpstreamError as exc:
             log.proxy.warning(
                 "proxy.upstream_failed",
