@@ -38,10 +38,16 @@ from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
 from sidecar import log
+from sidecar.cache.compress import Compressor
+from sidecar.cache.stage import CacheStage
+from sidecar.cache.store import AsyncDiskStore, StoreError
+from sidecar.cache.tiers import TieredCache
+from sidecar.environment import Environment
 from sidecar.errors import ErrorCode, ManifestError, SidecarError, error_body
 from sidecar.manifest import Manifest, Router, load_manifest
 from sidecar.metrics import Metrics
-from sidecar.proxy import Exchange, Forwarder, Proxy, json_error
+from sidecar.proxy import Exchange, Forwarder, Proxy, Stage, json_error
+from sidecar.scope import Scopes, load_secret
 from sidecar.upstream import Upstream
 
 
@@ -140,6 +146,28 @@ class Sidecar:
             max_header_bytes=manifest.limits.max_header_bytes,
             observe=self._observe,
         )
+        self.scopes = Scopes(
+            load_secret(manifest.scopes.secret, self.data_dir),
+            manifest.scopes.credential_headers,
+        )
+        self.environment = Environment(manifest.upstream.kind, _output_fields(manifest))
+        self.cache = TieredCache(
+            self.metrics,
+            max_entries=manifest.cache.memory.max_entries,
+            max_bytes=manifest.cache.memory.max_bytes,
+            disk=None,
+            open_disk=self._open_disk if manifest.cache.disk.enabled else None,
+            reopen_interval_s=manifest.fallbacks.reopen_interval,
+        )
+        self.cache_stage = CacheStage(
+            self.cache,
+            scopes=self.scopes,
+            environment=self.environment,
+            metrics=self.metrics,
+            max_entry_bytes=manifest.cache.max_entry_bytes,
+            max_body_bytes=manifest.limits.max_body_bytes,
+        )
+        self.proxy.set_stages(self._stages())
         self.started_at = time.time()
         self.draining = False
         self.upstream_ok = False
@@ -168,12 +196,34 @@ class Sidecar:
             for url in manifest.upstream_urls
         ]
 
+    def _stages(self) -> list[Stage]:
+        """The pipeline, in order (see proxy.py for what a stage may do)."""
+        return [self.cache_stage.lookup, self.cache_stage.record]
+
+    async def _open_disk(self) -> AsyncDiskStore | None:
+        m = self.manifest
+        c = m.cache.compression
+        compressor = (
+            Compressor(level=c.level, dict_size=c.dict_size,
+                       min_samples=c.train_samples, train=c.dictionaries)
+            if c.enabled else None
+        )
+        return await AsyncDiskStore.open(
+            self.data_dir / m.cache.disk.path,
+            m.fallbacks.disk,
+            max_bytes=m.cache.disk.max_bytes,
+            max_entry_bytes=m.cache.max_entry_bytes,
+            compressor=compressor,
+        )
+
     def _admin_app(self) -> web.Application:
         app = web.Application(client_max_size=64 * 1024)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_post("/admin/policy/reload", self._admin_reload)
+        app.router.add_get("/admin/cache/stats", self._admin_cache_stats)
+        app.router.add_post("/admin/cache/purge", self._admin_cache_purge)
         return app
 
     # -- running --------------------------------------------------------------
@@ -189,6 +239,15 @@ class Sidecar:
                 " or bind admin.listen to 127.0.0.1"
             )
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        if m.cache.disk.enabled:
+            try:
+                self.cache.disk = await self._open_disk()
+            except StoreError as exc:
+                raise StartupError(
+                    f"the disk cache cannot be opened ({exc}) and fallbacks.disk is"
+                    " fail: fix or remove the directory, or choose memory_only"
+                ) from None
+        self._spawn(self.cache.upkeep_forever(), "cache-upkeep")
         limit = m.limits.max_header_bytes
         server = _DataServer(
             self.proxy.handle,
@@ -245,6 +304,8 @@ class Sidecar:
                 ok = resp.status < 500
             except SidecarError:
                 ok = False
+            if ok:
+                await self.environment.refresh(self.upstream)
             if ok != self.upstream_ok:
                 log.upstream.info("upstream.health_changed", extra={"ok": ok})
             self.upstream_ok = ok
@@ -299,6 +360,8 @@ class Sidecar:
             if task is not asyncio.current_task():
                 task.cancel()
         await self._cleanup_runners()
+        await self.cache_stage.drain_writes()
+        await self.cache.close()
         for pool in self.upstreams:
             await pool.close()
 
@@ -348,6 +411,9 @@ class Sidecar:
         )
         self.proxy.max_body_bytes = new.limits.max_body_bytes
         self.proxy.max_header_bytes = new.limits.max_header_bytes
+        self.cache_stage.max_entry_bytes = new.cache.max_entry_bytes
+        self.cache_stage.max_body_bytes = new.limits.max_body_bytes
+        self.environment.set_output_fields(_output_fields(new))
         self.manifest = new
 
     # -- per-request accounting -----------------------------------------------
@@ -359,6 +425,9 @@ class Sidecar:
         m.request_duration.observe({"route": route, "cache": ex.cache}, duration_s)
         if ex.upstream_s is not None:
             m.upstream_duration.observe({"route": route}, ex.upstream_s)
+        outcome = _cache_outcome(ex)
+        if outcome is not None:
+            m.cache_requests.inc({"route": route, "outcome": outcome})
         log.access.info(
             "http.request",
             extra={
@@ -367,6 +436,7 @@ class Sidecar:
                 "status": ex.status,
                 "duration_ms": round(duration_s * 1000, 3),
                 "cache": ex.cache,
+                "reason": ex.cache_reason,
                 "upstream_ms": None if ex.upstream_s is None else round(ex.upstream_s * 1000, 3),
                 "bytes": ex.bytes_out,
                 **({"cut": True} if ex.cut else {}),
@@ -389,7 +459,8 @@ class Sidecar:
     async def _metrics(self, request: web.Request) -> web.Response:
         m = self.metrics
         m.in_flight.set({}, self.proxy.in_flight)
-        m.upstream_in_flight.set({}, self.upstream.in_flight)
+        m.upstream_in_flight.set({}, sum(u.in_flight for u in self.upstreams))
+        await self.cache.refresh_gauges()
         body, headers = m.render(request.headers.getall("Accept", []))
         return web.Response(body=body, headers=headers)
 
@@ -407,6 +478,40 @@ class Sidecar:
             return json_error(ErrorCode.UNAUTHORIZED, "missing or wrong admin token")
         return None
 
+    async def _admin_cache_stats(self, request: web.Request) -> web.Response:
+        stats = await self.cache.refresh_gauges()
+        return web.json_response(stats)
+
+    async def _admin_cache_purge(self, request: web.Request) -> web.Response:
+        """Purge everything, one route (``{"route": NAME}``) or one key (``{"key": HEX}``)."""
+        refused = self._authorized(request)
+        if refused is not None:
+            return refused
+        try:
+            doc = await request.json() if request.can_read_body else {}
+        except ValueError:
+            return json_error(ErrorCode.BAD_REQUEST, "the body must be a JSON object")
+        if not isinstance(doc, dict) or set(doc) - {"route", "key"}:
+            return json_error(
+                ErrorCode.BAD_REQUEST, 'expected {}, {"route": NAME} or {"key": HEX}'
+            )
+        try:
+            if "key" in doc:
+                key = bytes.fromhex(str(doc["key"]))
+                if len(key) != 32:
+                    raise ValueError
+                removed = await self.cache.delete(key)
+            else:
+                route = doc.get("route")
+                if route is not None and not isinstance(route, str):
+                    raise ValueError
+                removed = await self.cache.purge(route)
+        except ValueError:
+            return json_error(ErrorCode.BAD_REQUEST, "key must be 64 hex digits, route a name")
+        except StoreError as exc:
+            return json_error(ErrorCode.OVERLOADED, f"the disk tier refused the purge: {exc}")
+        return web.json_response({"removed": removed})
+
     async def _admin_reload(self, request: web.Request) -> web.Response:
         refused = self._authorized(request)
         if refused is not None:
@@ -414,6 +519,24 @@ class Sidecar:
         ok = self.reload()
         body = {"reloaded": ok, "digest": self.manifest.digest, "source": self.manifest.source}
         return web.json_response(body, status=200 if ok else 422)
+
+
+def _output_fields(manifest: Manifest) -> dict[str, Any]:
+    """Manifest fields that change what the upstream answers (env signature)."""
+    return {"prompt_cache": str(manifest.prompt_cache.mode), "kind": str(manifest.upstream.kind)}
+
+
+def _cache_outcome(ex: Exchange) -> str | None:
+    """The outcome label of sidecar_cache_requests_total for one request."""
+    if ex.coalesced == "follower":
+        return "coalesced"
+    if ex.cache == "hit":
+        return "hit"
+    if ex.cache == "miss":
+        return "miss" if ex.stored else (ex.cache_reason or "not_stored")
+    if ex.cache == "bypass":
+        return ex.cache_reason or "bypass"
+    return None
 
 
 async def _close_later(upstream: Upstream, delay_s: float = 30.0) -> None:
