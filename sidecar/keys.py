@@ -76,7 +76,9 @@ def request_decision(when: str, kind: str, method: str, cache_control: Iterable[
     if when == "never" or kind not in CACHEABLE_KINDS:
         return BYPASS_NEVER
     if kind in READ_KINDS:
-        if method not in ("GET", "HEAD"):
+        # HEAD is forwarded: a stored GET answer would give it a body length
+        # the relay must not send, and storing HEAD answers saves nothing.
+        if method != "GET":
             return BYPASS_METHOD
     elif method != "POST":
         return BYPASS_METHOD
