@@ -79,7 +79,7 @@ _MIN_PERIOD: Final = 1000
 
 
 class _Entry(Generic[V]):
-    __slots__ = ("value", "weight", "expires_at", "segment")
+    __slots__ = ("expires_at", "segment", "value", "weight")
 
     def __init__(
         self, value: V, weight: int, expires_at: float | None, segment: int
@@ -193,12 +193,14 @@ class LRU(Generic[V]):
     def _live(self, key: Key) -> _Entry[V] | None:
         """The key's entry, dropping it first if it has expired."""
         entry = self._data.get(key)
-        if entry is not None and entry.expires_at is not None:
-            if self._clock() >= entry.expires_at:
-                del self._data[key]
-                self._weight -= entry.weight
-                return None
+        if entry is not None and self._expired(entry):
+            del self._data[key]
+            self._weight -= entry.weight
+            return None
         return entry
+
+    def _expired(self, entry: _Entry[V]) -> bool:
+        return entry.expires_at is not None and self._clock() >= entry.expires_at
 
 
 class _Climber:
@@ -293,10 +295,9 @@ class WTinyLFU(Generic[V]):
         """The value, or None if absent or expired; records the access."""
         self._sketch.increment(hash(key))
         entry = self._entries.get(key)
-        if entry is not None and entry.expires_at is not None:
-            if self._clock() >= entry.expires_at:
-                self._unlink(key, entry)
-                entry = None
+        if entry is not None and entry.expires_at is not None and self._expired(entry):
+            self._unlink(key, entry)
+            entry = None
         self._samples += 1
         if entry is not None:
             self._sample_hits += 1
@@ -412,10 +413,9 @@ class WTinyLFU(Generic[V]):
     def _live(self, key: Key) -> _Entry[V] | None:
         """The key's entry, dropping it first if it has expired."""
         entry = self._entries.get(key)
-        if entry is not None and entry.expires_at is not None:
-            if self._clock() >= entry.expires_at:
-                self._unlink(key, entry)
-                return None
+        if entry is not None and self._expired(entry):
+            self._unlink(key, entry)
+            return None
         return entry
 
     def _promote(self, key: Key, entry: _Entry[V]) -> None:
