@@ -50,7 +50,6 @@ from sidecar.proxy import Exchange, Forwarder, Proxy, Stage, json_error
 from sidecar.scope import Scopes, load_secret
 from sidecar.upstream import Upstream
 
-
 # The readiness probe says who it is, so upstream logs (and test fakes) can
 # tell it from client traffic.
 _PROBE_HEADERS = [(b"User-Agent", b"sidecar-health/0.1")]
@@ -276,8 +275,8 @@ class Sidecar:
         log.server.info(
             "sidecar.listening",
             extra={
-                "data": "%s:%d" % self.data_address,
-                "admin": "%s:%d" % self.admin_address,
+                "data": "{}:{}".format(*self.data_address),
+                "admin": "{}:{}".format(*self.admin_address),
                 "upstream": ",".join(m.upstream_urls),
                 "manifest": m.source,
                 "digest": m.digest[:12],
@@ -547,7 +546,7 @@ async def _close_later(upstream: Upstream, delay_s: float = 30.0) -> None:
 def _bound(site: web.TCPSite) -> tuple[str, int]:
     server = site._server
     assert server is not None
-    sock = server.sockets[0]  # type: ignore[union-attr]
+    sock = server.sockets[0]  # type: ignore[attr-defined]
     host, port = sock.getsockname()[:2]
     return host, port
 

@@ -68,8 +68,8 @@ def _configure_logging() -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from sidecar.app import Sidecar, SidecarError, build_manifest_loader
-    from sidecar.errors import ManifestError
+    from sidecar.app import Sidecar, build_manifest_loader
+    from sidecar.errors import ManifestError, SidecarError
     from sidecar.manifest import resolve_policy_path
 
     env = dict(os.environ)

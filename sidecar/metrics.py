@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from aioprometheus import Counter, Gauge, Histogram, Registry
+from aioprometheus.collectors import Counter, Gauge, Histogram, Registry
 from aioprometheus.renderer import render
 
 # Latency buckets from 100 us (a memory hit) to 5 min (a long generation).

@@ -124,8 +124,15 @@ Stage = Callable[[Exchange, Next], Awaitable[Reply]]
 class UpstreamReply:
     """A ``Reply`` backed by a live upstream response."""
 
-    __slots__ = ("_resp", "status", "reason", "headers", "content_length",
-                 "_on_end", "_ended")
+    __slots__ = (
+        "_ended",
+        "_on_end",
+        "_resp",
+        "content_length",
+        "headers",
+        "reason",
+        "status",
+    )
 
     def __init__(
         self, resp: UpstreamResponse, on_end: Callable[[], None] | None = None
@@ -257,11 +264,11 @@ class _TransparentMixin:
                 self._headers.popall(name, None)
 
 
-class RelayResponse(_TransparentMixin, web.StreamResponse):
+class RelayResponse(_TransparentMixin, web.StreamResponse):  # type: ignore[misc]
     pass
 
 
-class RelayBodyResponse(_TransparentMixin, web.Response):
+class RelayBodyResponse(_TransparentMixin, web.Response):  # type: ignore[misc]
     pass
 
 

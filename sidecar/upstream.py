@@ -322,8 +322,16 @@ class UpstreamResponse:
     its end, and closes it otherwise.
     """
 
-    __slots__ = ("_conn", "_pool", "status", "reason", "headers", "bad_headers",
-                 "_released", "_keep")
+    __slots__ = (
+        "_conn",
+        "_keep",
+        "_pool",
+        "_released",
+        "bad_headers",
+        "headers",
+        "reason",
+        "status",
+    )
 
     def __init__(self, conn: _Connection, pool: Upstream, keep: bool) -> None:
         self._conn = conn

@@ -8,8 +8,7 @@ upstream on an Event and watch what the client receives.
 
 from __future__ import annotations
 
-import os
-from collections.abc import AsyncIterator, Callable, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -67,12 +66,12 @@ async def make_sidecar(tmp_path: Path) -> AsyncIterator[SidecarFactory]:
 
 def data_url(sidecar: Sidecar) -> str:
     assert sidecar.data_address is not None
-    return "http://%s:%d" % sidecar.data_address
+    return "http://{}:{}".format(*sidecar.data_address)
 
 
 def admin_url(sidecar: Sidecar) -> str:
     assert sidecar.admin_address is not None
-    return "http://%s:%d" % sidecar.admin_address
+    return "http://{}:{}".format(*sidecar.admin_address)
 
 
 @pytest.fixture

@@ -51,14 +51,14 @@ _SSE: Final = "text/event-stream"
 class CachedReply:
     """A ``Reply`` answered from a stored entry."""
 
-    __slots__ = ("status", "reason", "headers", "content_length", "_body")
+    __slots__ = ("_body", "content_length", "headers", "reason", "status")
 
     def __init__(self, entry: Entry, extra: dict[str, str]) -> None:
         self.status = entry.status
         self.reason = ""
         self.headers: CIMultiDict[str] = CIMultiDict(entry.headers)
         self.headers.update(extra)
-        self.content_length = entry.size
+        self.content_length: int | None = entry.size
         self._body = entry.body
 
     def complete_body(self) -> bytes | None:
@@ -134,8 +134,18 @@ def validate_stream(body: bytes, allowed: tuple[str, ...]) -> str | None:
 class _RecordingReply:
     """Relays the upstream reply unchanged while keeping a copy to store."""
 
-    __slots__ = ("_inner", "status", "reason", "headers", "content_length",
-                 "_parts", "_size", "_limit", "_on_end", "_ended")
+    __slots__ = (
+        "_ended",
+        "_inner",
+        "_limit",
+        "_on_end",
+        "_parts",
+        "_size",
+        "content_length",
+        "headers",
+        "reason",
+        "status",
+    )
 
     def __init__(self, inner: Reply, limit: int,
                  on_end: Callable[[bytes | None, str | None], None]) -> None:

@@ -30,6 +30,7 @@ from sidecar.cache.store import AsyncDiskStore, Entry, StoreError
 from sidecar.cache.tinylfu import WTinyLFU
 from sidecar.metrics import Metrics
 
+
 class TieredCache:
     """Memory over disk, with the metrics of both."""
 
@@ -92,6 +93,7 @@ class TieredCache:
         evicted = self.memory.put(key, entry, weight=max(1, entry.size), ttl_s=ttl)
         self._routes.setdefault(entry.route, set()).add(key)
         for old_key, old in evicted:
+            assert isinstance(old_key, bytes)
             self._drop_route_key(old.route, old_key)
         if evicted:
             self.metrics.cache_evictions.add({"tier": "memory"}, len(evicted))

@@ -124,7 +124,7 @@ async def test_cache_output_fields_miss(cached: Sidecar, fake_upstream: FakeUpst
 async def test_cache_credentials_never_share(cached: Sidecar, fake_upstream: FakeUpstream) -> None:
     """Two credentials asking the same thing each pay for their own answer."""
     async with aiohttp.ClientSession() as s:
-        _, ha, ba = await post(s, data_url(cached) + CHAT, body(), Authorization="Bearer alice")
+        _, _ha, ba = await post(s, data_url(cached) + CHAT, body(), Authorization="Bearer alice")
         await cached.cache_stage.drain_writes()
         _, hb, bb = await post(s, data_url(cached) + CHAT, body(), Authorization="Bearer bob")
         await cached.cache_stage.drain_writes()
@@ -229,7 +229,7 @@ async def test_cache_stream_stored_and_replayed(fake_upstream: FakeUpstream, mak
     fake_upstream.handler = sse_handler(events)
     sidecar = await ready(await make_sidecar(fake_upstream.url))
     async with aiohttp.ClientSession() as s:
-        _, h1, b1 = await post(s, data_url(sidecar) + CHAT, body(stream=True))
+        _, _h1, b1 = await post(s, data_url(sidecar) + CHAT, body(stream=True))
         await sidecar.cache_stage.drain_writes()
         _, h2, b2 = await post(s, data_url(sidecar) + CHAT, body(stream=True))
     assert b1 == b2 == b"".join(events)

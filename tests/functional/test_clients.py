@@ -14,7 +14,13 @@ import pytest
 from aiohttp import web
 
 from tests.conftest import SidecarFactory, data_url
-from tests.helpers.fake_upstream import FakeUpstream, chat_chunk, chat_completion, sse_event, sse_handler
+from tests.helpers.fake_upstream import (
+    FakeUpstream,
+    chat_chunk,
+    chat_completion,
+    sse_event,
+    sse_handler,
+)
 
 
 async def test_openai_sdk_chat_through_proxy(fake_upstream: FakeUpstream, make_sidecar: SidecarFactory) -> None:

@@ -93,7 +93,7 @@ def _req(method: str, target: str, *headers: str, body: bytes = b"") -> bytes:
 async def test_proxy_methods_match_direct(compare: Compare, method: str) -> None:
     """Every method reaches the upstream unchanged and its answer comes back."""
     body = b'{"x": 1}' if method in ("POST", "PUT", "PATCH") else b""
-    direct, proxied = await compare(_req(method, "/v1/anything", "X-Custom: 1", body=body))
+    _direct, proxied = await compare(_req(method, "/v1/anything", "X-Custom: 1", body=body))
     assert proxied.status == 200
 
 
@@ -131,7 +131,7 @@ async def test_proxy_head_keeps_length_without_body(compare: Compare, fake_upstr
         return web.Response(body=b"x" * 1234, content_type="application/octet-stream")
 
     fake_upstream.handler = handler
-    direct, proxied = await compare(_req("HEAD", "/blob"))
+    _direct, proxied = await compare(_req("HEAD", "/blob"))
     assert proxied.header("content-length") == "1234"
     assert proxied.body == b""
 
@@ -144,7 +144,7 @@ async def test_proxy_bodyless_statuses_pass(compare: Compare, fake_upstream: Fak
         return web.Response(status=status, headers={"ETag": '"abc"'})
 
     fake_upstream.handler = handler
-    direct, proxied = await compare(_req("GET", "/cond", 'If-None-Match: "abc"'))
+    _direct, proxied = await compare(_req("GET", "/cond", 'If-None-Match: "abc"'))
     assert proxied.status == status
     assert proxied.header("content-length") is None
     assert proxied.header("transfer-encoding") is None
