@@ -15,6 +15,7 @@ client-controlled strings go through ``clip()`` first.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -60,8 +61,17 @@ def _format_value(value: Any) -> str:
 class TextFormatter(logging.Formatter):
     """``2026-01-01T00:00:00.123Z INFO sidecar.access http.request key=value``."""
 
+    _second = -1
+    _stamp = ""
+
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+        second = int(record.created)
+        if second != self._second:
+            # One strftime a second, not one a line: the access log is on
+            # the hot path of every request.
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        stamp = self._stamp
         parts = [
             f"{stamp}.{int(record.msecs):03d}Z",
             record.levelname,
@@ -91,9 +101,53 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str, separators=(",", ":"))
 
 
+class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes lines in batches: at most one write a loop iteration.
+
+    Under load the event loop handles many requests per iteration; writing
+    and flushing each access line on its own costs a system call per
+    request. Lines logged while a loop runs are buffered and written by one
+    callback scheduled on that loop; lines logged with no running loop are
+    written at once. Nothing is lost at exit: ``flush()`` writes the buffer.
+    """
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._pending.append(line)
+        if self._scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._pending:
+            text = "\n".join(self._pending) + "\n"
+            self._pending.clear()
+            try:
+                self.stream.write(text)
+            except (OSError, ValueError):
+                return
+        super().flush()
+
+
 def configure(fmt: str = "text", level: str = "INFO") -> None:
     """Route every ``sidecar.*`` logger to stderr in the chosen format."""
-    handler = logging.StreamHandler(sys.stderr)
+    handler = BatchingStreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger("sidecar")
     root.handlers[:] = [handler]
