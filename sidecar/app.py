@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import logging
 import os
 import signal
 import time
@@ -419,14 +420,11 @@ class Sidecar:
 
     def _observe(self, ex: Exchange, duration_s: float) -> None:
         route = ex.route.name
-        m = self.metrics
-        m.requests.inc({"route": route, "code": str(ex.status)})
-        m.request_duration.observe({"route": route, "cache": ex.cache}, duration_s)
-        if ex.upstream_s is not None:
-            m.upstream_duration.observe({"route": route}, ex.upstream_s)
-        outcome = _cache_outcome(ex)
-        if outcome is not None:
-            m.cache_requests.inc({"route": route, "outcome": outcome})
+        self.metrics.hot.request(
+            route, ex.status, ex.cache, duration_s, ex.upstream_s, _cache_outcome(ex)
+        )
+        if not log.access.isEnabledFor(logging.INFO):
+            return
         log.access.info(
             "http.request",
             extra={

@@ -523,7 +523,7 @@ class WTinyLFU(Generic[V]):
                 self._evict(key, entry, evicted)
                 return
             else:
-                self._evict(victim_key, victim_entry, evicted)
+                pass
         self._probation[key] = entry
         self._seg_weight[_PROBATION] += entry.weight
 

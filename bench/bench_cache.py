@@ -1,0 +1,893 @@
+"""Cost of an action-cache hit: the sidecar next to nginx ``proxy_cache``.
+
+Run as ``python -m bench.bench_cache [--quick] [--one-core]``. One run puts
+two legs in front of the same cheap upstream (an nginx origin answering
+``POST /v1/chat/completions`` with a fixed ~600-byte chat completion, and
+``/v1/models`` and ``/props`` with small identity documents):
+
+- ``nginx``: nginx as a caching reverse proxy (``proxy_cache`` keyed on the
+  URI and the request body, POST cached, one worker);
+- ``sidecar``: ``python -m sidecar serve`` with the default manifest, which
+  caches temperature-0 chat requests (or ``--sidecar-cmd``).
+
+Each leg is warmed until it answers from its cache (``X-Cache-Status: HIT``,
+``X-Sidecar-Cache: hit``), then ``wrk`` with a Lua script sends the same
+deterministic POST at concurrency 1 (hit latency p50/p99) and 64 (hits per
+second), the median over repeats, legs interleaved so drift on a shared
+machine hits both alike. The origin logs every POST it answers, so a
+measured run also counts the requests that got past the cache (0 when every
+request was a hit). Beside the HTTP figures it times, in this process and
+without HTTP, the steps of the sidecar's lookup path (strict parse, the
+determinism decision, RFC 8785 canonical form, scope HMAC, action key,
+memory-tier get) in microseconds per request: the floor under the HTTP hit.
+
+It prints tables, PASS/FAIL lines for the targets, one JSON line per
+measurement (also written to ``--json FILE``) and a ``rerun with:`` line; the
+exit status is 1 when a leg failed or a target failed. Not here: process,
+nginx and wrk plumbing (``bench/rig.py``), the pass-through comparison
+(``bench/bench_proxy.py``).
+
+Invariants: the proxy under test runs on one CPU, the origin and wrk on the
+other (``rig.plan_cpus``; ``--one-core`` shares one CPU); every process
+started here is stopped by PID before exit, also on SIGTERM; every wait is
+bounded by a deadline; a leg that fails is reported and the other goes on.
+
+Known limitations: the machine is shared, so figures move with its load (the
+load average is recorded). The sidecar runs with the log level the
+environment gives it, and its access log line per request costs hits per
+second, so compare runs with the same ``SIDECAR_LOG_LEVEL``. The sidecar
+polls the origin in the background (health, identity, state), a few requests
+every few seconds. nginx's cache is a file read through the page cache, the
+sidecar's an in-memory lookup; both serve the same bytes. wrk does not
+correct for coordinated omission, and across two CPUs each request at
+concurrency 1 also waits for the other CPU to wake. The origin's log is read
+as soon as wrk exits, so a miss still in flight then goes uncounted. The
+in-process lookup steps restate ``CacheStage.lookup`` (sidecar/cache/
+stage.py) by hand; a new step there is missing here until added.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import timeit
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from email.message import Message
+from pathlib import Path
+from types import FrameType
+from typing import Any, Final, Literal
+
+from bench import rig
+from sidecar import canonical, keys
+from sidecar.cache.tinylfu import WTinyLFU
+from sidecar.scope import Scopes
+
+LEGS: Final = ("nginx", "sidecar")
+CHAT_PATH: Final = "/v1/chat/completions"
+REQUEST_BODY: Final = (
+    b'{"model":"tiny","messages":[{"role":"user","content":"hello"}],'
+    b'"temperature":0}'
+)
+MODELS_BODY: Final = '{"object":"list","data":[{"id":"tiny","object":"model"}]}'
+PROPS_BODY: Final = '{"model_path":"tiny.gguf","build_info":"bench"}'
+COMPLETION_BYTES: Final = 600
+DEFAULT_SIDECAR_CMD: Final = (
+    "{python} -m sidecar serve --upstream {upstream} --listen 127.0.0.1:{port}"
+    " --admin-listen 127.0.0.1:{admin_port} --data-dir {data_dir}"
+)
+SIDECAR_READY_LINE: Final = "sidecar.listening"
+SIDECAR_START_TIMEOUT_S: Final = 30.0
+# The sidecar bypasses its cache until it has read the upstream's identity,
+# which its health loop does within a few seconds of starting.
+WARM_TIMEOUT_S: Final = 30.0
+WARM_POLL_S: Final = 0.2
+WARMUP_CONNECTIONS: Final = 16
+# Lookup-path timing: calls per timed batch and batches (median kept).
+LOOKUP_CALLS: Final = 20_000
+QUICK_LOOKUP_CALLS: Final = 5_000
+LOOKUP_BATCHES: Final = 5
+# Other entries in the memory tier while it is timed, so the lookup is not
+# into a one-entry table.
+LOOKUP_FILL: Final = 5_000
+
+# The sidecar's targets.
+LATENCY_CONCURRENCY: Final = 1
+THROUGHPUT_CONCURRENCY: Final = 64
+MAX_HIT_P99_US: Final = 2_000.0
+MIN_HITS_VS_NGINX: Final = 0.5
+
+Record = dict[str, Any]
+Result = Literal["PASS", "FAIL", "SKIP"]
+
+
+def completion_body(size: int = COMPLETION_BYTES) -> str:
+    """A fixed OpenAI chat completion document of exactly ``size`` bytes."""
+    doc: dict[str, Any] = {
+        "id": "chatcmpl-bench",
+        "object": "chat.completion",
+        "created": 1_700_000_000,
+        "model": "tiny",
+        "system_fingerprint": "bench",
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": ""},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 60, "total_tokens": 69},
+    }
+    bare = len(json.dumps(doc, separators=(",", ":")))
+    phrase = "Hello! How can I help you today? "
+    doc["choices"][0]["message"]["content"] = (phrase * size)[: max(0, size - bare)]
+    return json.dumps(doc, separators=(",", ":"))
+
+
+COMPLETION_BODY: Final = completion_body()
+
+
+@dataclass(frozen=True)
+class Settings:
+    duration_s: float
+    warmup_s: float
+    repeats: int
+    lookup_calls: int
+    sidecar_cmd: str
+    one_core: bool
+
+
+@dataclass(frozen=True)
+class Point:
+    """One measured wrk run and the requests that reached the origin in it."""
+
+    wrk: rig.WrkResult
+    upstream_calls: int
+
+
+@dataclass
+class Measurements:
+    """Raw results of one invocation; written by the main thread only."""
+
+    http: dict[tuple[str, int], list[Point]] = field(default_factory=dict)
+    lookup: list[Record] = field(default_factory=list)
+    # leg ("all" for the whole run) -> why it stopped being measured
+    failures: dict[str, str] = field(default_factory=dict)
+
+
+def _progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _fail(found: Measurements, leg: str, reason: str) -> None:
+    found.failures[leg] = reason
+    _progress(f"FAILED {leg}: {reason}")
+
+
+# -- nginx configs ------------------------------------------------------------
+
+
+def origin_config(prefix: Path, port: int) -> str:
+    """The cheap upstream: identity documents, and the completion for the rest.
+
+    Every POST it answers is logged, one ``METHOD URI`` line each, so a run
+    can count the requests that got past a cache.
+    """
+    # rig.nginx_origin_config serves one body on every path and logs
+    # nothing; this origin needs three bodies and a log, so the http block is
+    # built here inside rig's shared frame.
+    p = prefix.resolve()
+    body = (
+        "    log_format bench '$request_method $uri';\n"
+        "    server {\n"
+        f"        listen {rig.LOOPBACK}:{port};\n"
+        f'        access_log "{p}/access.log" bench;\n'
+        "        default_type application/json;\n"
+        + _return_location("= /v1/models", MODELS_BODY)
+        + _return_location("= /props", PROPS_BODY)
+        + _return_location("/", COMPLETION_BODY)
+        + "    }\n"
+    )
+    return rig._nginx_main(prefix, body)
+
+
+def _return_location(match: str, body: str) -> str:
+    return f"        location {match} {{ return 200 {rig._nginx_quote(body)}; }}\n"
+
+
+def cache_proxy_config(prefix: Path, port: int, upstream_port: int) -> str:
+    """nginx as a caching reverse proxy keyed on the URI and the request body.
+
+    ``$request_body`` is only set when the body sits in one memory buffer,
+    hence the buffer size and ``client_body_in_single_buffer``; caching needs
+    ``proxy_buffering on``. ``X-Cache-Status`` tells a hit from a miss.
+    """
+    p = prefix.resolve()
+    body = (
+        f'    proxy_cache_path "{p}/cache" levels=1:2 keys_zone=bench_hits:1m'
+        " max_size=64m inactive=1h use_temp_path=off;\n"
+        "    upstream bench_upstream {\n"
+        f"        server {rig.LOOPBACK}:{upstream_port};\n"
+        "        keepalive 64;\n"
+        f"        keepalive_requests {rig.KEEPALIVE_REQUESTS};\n"
+        "    }\n"
+        "    server {\n"
+        f"        listen {rig.LOOPBACK}:{port};\n"
+        "        client_body_buffer_size 64k;\n"
+        "        client_body_in_single_buffer on;\n"
+        "        location / {\n"
+        "            proxy_pass http://bench_upstream;\n"
+        "            proxy_http_version 1.1;\n"
+        '            proxy_set_header Connection "";\n'
+        "            proxy_buffering on;\n"
+        "            proxy_cache bench_hits;\n"
+        "            proxy_cache_methods POST;\n"
+        '            proxy_cache_key "$request_uri|$request_body";\n'
+        "            proxy_cache_valid 200 1h;\n"
+        "            add_header X-Cache-Status $upstream_cache_status always;\n"
+        "        }\n"
+        "    }\n"
+    )
+    return rig._nginx_main(prefix, body)
+
+
+def wrk_script() -> str:
+    """The wrk Lua script: the same POST on every request (built once by wrk)."""
+    body = REQUEST_BODY.decode("ascii")
+    # A JSON string literal of ASCII text is also a valid Lua string literal.
+    return (
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(body)}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+    )
+
+
+# -- legs ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Leg:
+    """A started leg: where to send requests and the process behind it."""
+
+    name: str
+    url: str
+    proc: rig.Proc
+    # nginx reports request failures here, not on its stderr.
+    error_log: Path | None = None
+
+    def failure(self, what: str) -> str:
+        """``what`` went wrong, then the end of this leg's logs."""
+        text = f"{what}\nlog {self.proc.log_path}:\n{self.proc.log_tail()}"
+        if self.error_log is not None and self.error_log.exists():
+            lines = self.error_log.read_text(errors="replace").splitlines()
+            tail = "\n".join(lines[-rig.LOG_TAIL_LINES :])
+            text += f"\nlog {self.error_log}:\n{tail}"
+        return text
+
+
+def _start_origin(
+    plan: rig.CpuPlan, stack: contextlib.ExitStack, workdir: Path
+) -> tuple[int, Path]:
+    """The origin on the load CPU: its port and its access log."""
+    (port,) = rig.free_ports(1)
+    prefix = workdir / "origin"
+    config = origin_config(prefix, port)
+    proc = rig.start_nginx("nginx origin", prefix, config, port=port, cpu=plan.load_cpu)
+    stack.callback(rig.stop_process, proc)
+    return port, prefix / "access.log"
+
+
+def _start_nginx_leg(
+    upstream_port: int, plan: rig.CpuPlan, stack: contextlib.ExitStack, workdir: Path
+) -> Leg:
+    (port,) = rig.free_ports(1)
+    prefix = workdir / "nginx-cache"
+    prefix.mkdir()
+    if os.geteuid() == 0:
+        # A master started as root runs its worker as nobody, which must
+        # reach the cache directory: let it through the private temp dirs.
+        for path in (workdir, prefix):
+            path.chmod(0o711)
+    config = cache_proxy_config(prefix, port, upstream_port)
+    proc = rig.start_nginx("nginx", prefix, config, port=port, cpu=plan.proxy_cpu)
+    stack.callback(rig.stop_process, proc)
+    return Leg("nginx", f"http://{rig.LOOPBACK}:{port}", proc, prefix / "error.log")
+
+
+def _start_sidecar_leg(
+    upstream_port: int,
+    settings: Settings,
+    plan: rig.CpuPlan,
+    stack: contextlib.ExitStack,
+    workdir: Path,
+) -> Leg:
+    port, admin_port = rig.free_ports(2)
+    home = workdir / "sidecar"
+    data_dir = home / "data"
+    data_dir.mkdir(parents=True)
+    python = rig.REPO / ".venv" / "bin" / "python"
+    fields = {
+        "python": str(python) if python.exists() else sys.executable,
+        "upstream": f"http://{rig.LOOPBACK}:{upstream_port}",
+        "port": port,
+        "admin_port": admin_port,
+        "data_dir": str(data_dir),
+    }
+    proc = rig.start_ready(
+        "sidecar",
+        rig.command_from_template(settings.sidecar_cmd, fields),
+        log_path=home / "stderr.log",
+        cpu=plan.proxy_cpu,
+        port=port,
+        line=SIDECAR_READY_LINE,
+        timeout_s=SIDECAR_START_TIMEOUT_S,
+    )
+    stack.callback(rig.stop_process, proc)
+    return Leg("sidecar", f"http://{rig.LOOPBACK}:{port}", proc)
+
+
+def _post(url: str) -> tuple[int, dict[str, str], bytes]:
+    """The benchmark's POST, once: status, lower-cased headers and body."""
+    request = urllib.request.Request(
+        url,
+        data=REQUEST_BODY,
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, _lowered(response.headers), response.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, _lowered(exc.headers), exc.read()
+    except OSError as exc:
+        raise rig.RigError(f"POST {url} failed: {exc}") from exc
+
+
+def _lowered(headers: Message) -> dict[str, str]:
+    return {name.lower(): value for name, value in headers.items()}
+
+
+def _cache_state(leg: str, headers: Mapping[str, str]) -> str:
+    """What the leg says about its cache, e.g. ``hit`` or ``bypass (reason)``."""
+    if leg == "nginx":
+        return (headers.get("x-cache-status") or "none").lower()
+    state = headers.get("x-sidecar-cache") or "none"
+    reason = headers.get("x-sidecar-cache-reason")
+    return f"{state} ({reason})" if reason else state
+
+
+def _warm(leg: Leg) -> None:
+    """Send the POST until the leg answers it from its cache, bounded in time.
+
+    Raises ``RigError`` on a wrong answer or when no hit comes in time.
+    """
+    url = leg.url + CHAT_PATH
+    deadline = time.monotonic() + WARM_TIMEOUT_S
+    seen: list[str] = []
+    while time.monotonic() < deadline:
+        status, headers, body = _post(url)
+        if status != 200 or body != COMPLETION_BODY.encode():
+            raise rig.RigError(f"POST {url} answered {status} {body[:200]!r}")
+        state = _cache_state(leg.name, headers)
+        if not seen or seen[-1] != state:
+            seen.append(state)
+        if state == "hit":
+            _progress(f"{leg.name}: cache states before measuring: {', '.join(seen)}")
+            return
+        time.sleep(WARM_POLL_S)
+    raise rig.RigError(
+        f"{leg.name} gave no cache hit in {WARM_TIMEOUT_S:.0f} s;"
+        f" cache states seen: {', '.join(seen)}"
+    )
+
+
+def _start_legs(
+    settings: Settings,
+    plan: rig.CpuPlan,
+    stack: contextlib.ExitStack,
+    workdir: Path,
+    origin_port: int,
+    found: Measurements,
+) -> dict[str, Leg]:
+    """Every leg that starts and answers from its cache, by name."""
+    starters: dict[str, Callable[[], Leg]] = {
+        "nginx": lambda: _start_nginx_leg(origin_port, plan, stack, workdir),
+        "sidecar": lambda: _start_sidecar_leg(
+            origin_port, settings, plan, stack, workdir
+        ),
+    }
+    legs = {}
+    for name in LEGS:
+        try:
+            leg = starters[name]()
+        except rig.RigError as exc:
+            _fail(found, name, str(exc))
+            continue
+        try:
+            _warm(leg)
+        except rig.RigError as exc:
+            _fail(found, name, leg.failure(str(exc)))
+            continue
+        legs[name] = leg
+    return legs
+
+
+# -- HTTP load ----------------------------------------------------------------
+
+
+def _origin_posts(access_log: Path) -> int:
+    """POSTs the origin has answered so far."""
+    try:
+        text = access_log.read_text(errors="replace")
+    except FileNotFoundError:
+        return 0
+    return sum(1 for line in text.splitlines() if line.startswith("POST "))
+
+
+def _run_wrk(
+    url: str, script: Path, *, connections: int, duration_s: float, cpu: int | None
+) -> rig.WrkResult:
+    """``rig.run_wrk`` with a Lua script (rig's wrk command has no ``-s``)."""
+    argv = rig.wrk_argv(url, connections=connections, duration_s=duration_s)
+    argv[-1:-1] = ["-s", str(script)]
+    try:
+        done = subprocess.run(
+            rig.pinned(argv, cpu),
+            capture_output=True,
+            text=True,
+            timeout=duration_s + 30,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise rig.RigError(f"wrk failed to run: {exc}") from exc
+    if done.returncode != 0:
+        raise rig.RigError(f"wrk exited {done.returncode}: {done.stderr.strip()}")
+    return rig.parse_wrk(done.stdout)
+
+
+def _measure_http(
+    settings: Settings, plan: rig.CpuPlan, workdir: Path, found: Measurements
+) -> None:
+    script = workdir / "post.lua"
+    script.write_text(wrk_script())
+    with contextlib.ExitStack() as stack:
+        origin_port, access_log = _start_origin(plan, stack, workdir)
+        legs = _start_legs(settings, plan, stack, workdir, origin_port, found)
+
+        def point(name: str, connections: int, warmup: bool = False) -> None:
+            _run_point(
+                settings, plan, found, legs, name, connections,
+                script=script, access_log=access_log, warmup=warmup,
+            )
+
+        for name in list(legs):
+            point(name, WARMUP_CONNECTIONS, warmup=True)
+        # Repeats outermost, legs innermost: drift on a shared machine then
+        # lands on both legs alike instead of on whichever ran last.
+        for repeat in range(settings.repeats):
+            for connections in (LATENCY_CONCURRENCY, THROUGHPUT_CONCURRENCY):
+                for name in list(legs):
+                    point(name, connections)
+            _progress(f"http: repeat {repeat + 1}/{settings.repeats} done")
+
+
+def _run_point(
+    settings: Settings,
+    plan: rig.CpuPlan,
+    found: Measurements,
+    legs: dict[str, Leg],
+    name: str,
+    connections: int,
+    *,
+    script: Path,
+    access_log: Path,
+    warmup: bool,
+) -> None:
+    """One wrk run; a leg whose run fails is dropped from ``legs``."""
+    before = _origin_posts(access_log)
+    try:
+        result = _run_wrk(
+            legs[name].url + CHAT_PATH,
+            script,
+            connections=connections,
+            duration_s=settings.warmup_s if warmup else settings.duration_s,
+            cpu=plan.load_cpu,
+        )
+    except rig.RigError as exc:
+        _fail(found, name, legs.pop(name).failure(str(exc)))
+        return
+    if warmup:
+        return
+    calls = _origin_posts(access_log) - before
+    found.http.setdefault((name, connections), []).append(Point(result, calls))
+    _progress(
+        f"http: {name:8} c={connections:<3} {rig.fmt_rate(result.requests_per_s):>9}"
+        f" hits/s  p50 {rig.fmt_latency(result.p50_s)}"
+        f"  p99 {rig.fmt_latency(result.p99_s)}"
+        + (f"  errors {result.errors}" if result.errors else "")
+        + (f"  upstream calls {calls}" if calls else "")
+    )
+
+
+def _http_records(found: Measurements) -> list[Record]:
+    """One record per (leg, concurrency): medians over repeats, with ratios."""
+    records = []
+    for connections in (LATENCY_CONCURRENCY, THROUGHPUT_CONCURRENCY):
+        for name in LEGS:
+            points = found.http.get((name, connections))
+            if not points:
+                continue
+            records.append(_http_record(name, connections, points))
+    for record in records:
+        nginx = _find(records, leg="nginx", concurrency=record["concurrency"])
+        for metric in ("requests_per_s", "p50_us", "p99_us"):
+            base = None if nginx is None else nginx[metric]
+            record[f"{metric}_vs_nginx"] = rig.ratio(record[metric], base)
+    return records
+
+
+def _http_record(name: str, connections: int, points: Sequence[Point]) -> Record:
+    runs = [p.wrk for p in points]
+    return {
+        "bench": "cache",
+        "kind": "http_hit",
+        "leg": name,
+        "concurrency": connections,
+        "requests_per_s": rig.median([r.requests_per_s for r in runs]),
+        "p50_us": rig.median([r.p50_s * 1e6 for r in runs]),
+        "p99_us": rig.median([r.p99_s * 1e6 for r in runs]),
+        "requests": sum(r.requests for r in runs),
+        "errors": sum(r.errors for r in runs),
+        "upstream_calls": sum(p.upstream_calls for p in points),
+        "rounds": [
+            {
+                "requests_per_s": p.wrk.requests_per_s,
+                "p50_us": p.wrk.p50_s * 1e6,
+                "p99_us": p.wrk.p99_s * 1e6,
+                "errors": p.wrk.errors,
+                "upstream_calls": p.upstream_calls,
+            }
+            for p in points
+        ],
+    }
+
+
+def _find(records: Sequence[Record], **match: Any) -> Record | None:
+    """The first record whose fields equal ``match``."""
+    for record in records:
+        if all(record.get(k) == v for k, v in match.items()):
+            return record
+    return None
+
+
+# -- the lookup path in-process -----------------------------------------------
+
+
+def lookup_steps() -> list[tuple[str, Callable[[], object]]]:
+    """The sidecar's hit path without HTTP, step by step, then all of it.
+
+    Mirrors ``CacheStage.lookup`` for the benchmark's request: strict parse,
+    the determinism decision, canonical bytes, the scope HMAC of an
+    anonymous caller, the action key, and the memory-tier lookup.
+    """
+    raw = REQUEST_BODY
+    body = canonical.parse_body(raw)
+    canonical_body = canonical.canonicalize(body)
+    scopes = Scopes(b"bench-scope-secret-0123456789abcdef", ("authorization",))
+    headers: dict[str, str] = {}
+    environment = hashlib.sha256(MODELS_BODY.encode()).digest()
+
+    def key_of(canonical_bytes: bytes, scope: str) -> bytes:
+        return keys.action_key(
+            route="chat", version=1, method="POST", target=CHAT_PATH,
+            canonical_body=canonical_bytes, environment=environment,
+            significant=[], scope=scope,
+        )
+
+    key = key_of(canonical_body, scopes.scope(headers))
+    memory = _filled_memory(key)
+
+    def whole() -> object:
+        parsed = canonical.parse_body(raw)
+        if not keys.body_decision("deterministic", "chat", parsed).cacheable:
+            raise rig.RigError("the benchmark request is not cacheable")
+        found_key = key_of(canonical.canonicalize(parsed), scopes.scope(headers))
+        return memory.get(found_key)
+
+    if whole() is None:
+        raise rig.RigError("the lookup path missed its own entry")
+    return [
+        ("parse_body", lambda: canonical.parse_body(raw)),
+        ("body_decision", lambda: keys.body_decision("deterministic", "chat", body)),
+        ("canonicalize", lambda: canonical.canonicalize(body)),
+        ("scope", lambda: scopes.scope(headers)),
+        ("action_key", lambda: key_of(canonical_body, "")),
+        ("memory_get", lambda: memory.get(key)),
+        ("lookup_path", whole),
+    ]
+
+
+def _filled_memory(key: bytes) -> WTinyLFU[bytes]:
+    """A memory tier holding ``key`` among ``LOOKUP_FILL`` other entries."""
+    value = COMPLETION_BODY.encode()
+    memory: WTinyLFU[bytes] = WTinyLFU(10_000, 256 * 1024 * 1024)
+    for n in range(LOOKUP_FILL):
+        memory.put(hashlib.sha256(b"fill-%d" % n).digest(), value, weight=len(value))
+    memory.put(key, value, weight=len(value))
+    # A few hits move it from the window into the main region, as a key
+    # that is asked for again and again would be.
+    for _ in range(3):
+        memory.get(key)
+    return memory
+
+
+def _measure_lookup(
+    settings: Settings, plan: rig.CpuPlan, found: Measurements
+) -> None:
+    """Time each lookup step on the proxy's CPU; median of the batches."""
+    rig.pin_self(plan.proxy_cpu)
+    try:
+        for step, call in lookup_steps():
+            batches = timeit.Timer(call).repeat(LOOKUP_BATCHES, settings.lookup_calls)
+            per_call_us = [t / settings.lookup_calls * 1e6 for t in batches]
+            found.lookup.append(
+                {
+                    "bench": "cache",
+                    "kind": "lookup",
+                    "step": step,
+                    "us_per_request": rig.median(per_call_us),
+                    "calls": settings.lookup_calls,
+                    "batches_us": per_call_us,
+                }
+            )
+    finally:
+        rig.pin_self(plan.load_cpu)
+    whole = found.lookup[-1]["us_per_request"]
+    _progress(f"lookup path in-process: {whole:.2f} us per request")
+
+
+# -- targets ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One target: ``PASS``, ``FAIL`` or ``SKIP`` (could not be judged)."""
+
+    target: str
+    result: Result
+    detail: str
+
+    def record(self) -> Record:
+        return {"bench": "cache", "kind": "target", **dataclasses.asdict(self)}
+
+
+def _unclean(record: Record) -> str:
+    """``; N errors; M upstream calls`` for a point that was not all hits."""
+    parts = []
+    if record["errors"]:
+        parts.append(f"{record['errors']} errors")
+    if record["upstream_calls"]:
+        parts.append(f"{record['upstream_calls']} requests reached the upstream")
+    return "".join(f"; {part}" for part in parts)
+
+
+def _target_latency(found: Measurements, http: Sequence[Record]) -> Verdict:
+    name = f"hit_p99_c{LATENCY_CONCURRENCY}"
+    sidecar = _find(http, leg="sidecar", concurrency=LATENCY_CONCURRENCY)
+    if sidecar is None:
+        why = found.failures.get("sidecar") or found.failures.get("all") or "no run"
+        return Verdict(name, "FAIL", f"not measured: {why.splitlines()[0]}")
+    dirty = _unclean(sidecar)
+    detail = (
+        f"sidecar hit p99 {rig.fmt_us(sidecar['p99_us'])} at c={LATENCY_CONCURRENCY}"
+        f"; limit {rig.fmt_us(MAX_HIT_P99_US)}{dirty}"
+    )
+    return _verdict(name, sidecar["p99_us"] < MAX_HIT_P99_US and not dirty, detail)
+
+
+def _target_throughput(found: Measurements, http: Sequence[Record]) -> Verdict:
+    name = f"hits_c{THROUGHPUT_CONCURRENCY}_vs_nginx"
+    sidecar = _find(http, leg="sidecar", concurrency=THROUGHPUT_CONCURRENCY)
+    nginx = _find(http, leg="nginx", concurrency=THROUGHPUT_CONCURRENCY)
+    if sidecar is None:
+        why = found.failures.get("sidecar") or found.failures.get("all") or "no run"
+        return Verdict(name, "FAIL", f"not measured: {why.splitlines()[0]}")
+    if nginx is None or _unclean(nginx):
+        # A failed reference leaves the target unjudged; the failure itself
+        # still fails the run.
+        why = _unclean(nginx).removeprefix("; ") if nginx else "no run"
+        why = found.failures.get("nginx", why).splitlines()[0]
+        return Verdict(name, "SKIP", f"nginx not measured cleanly: {why}")
+    limit = MIN_HITS_VS_NGINX * nginx["requests_per_s"]
+    dirty = _unclean(sidecar)
+    detail = (
+        f"sidecar {rig.fmt_rate(sidecar['requests_per_s'])} hits/s at "
+        f"c={THROUGHPUT_CONCURRENCY}; at least {MIN_HITS_VS_NGINX:.0%} of nginx "
+        f"proxy_cache's {rig.fmt_rate(nginx['requests_per_s'])} = "
+        f"{rig.fmt_rate(limit)}{dirty}"
+    )
+    return _verdict(name, sidecar["requests_per_s"] >= limit and not dirty, detail)
+
+
+def _verdict(target: str, passed: bool, detail: str) -> Verdict:
+    return Verdict(target, "PASS" if passed else "FAIL", detail)
+
+
+# -- report -------------------------------------------------------------------
+
+HTTP_COLUMNS: Final[Sequence[rig.Column]] = (
+    ("leg", "leg", rig.fmt_plain),
+    ("conns", "concurrency", rig.fmt_plain),
+    ("hits/s", "requests_per_s", rig.fmt_rate),
+    ("p50", "p50_us", rig.fmt_us),
+    ("p99", "p99_us", rig.fmt_us),
+    ("errors", "errors", rig.fmt_plain),
+    ("past cache", "upstream_calls", rig.fmt_plain),
+    ("hits/s vs nginx", "requests_per_s_vs_nginx", rig.fmt_ratio),
+    ("p50 vs nginx", "p50_us_vs_nginx", rig.fmt_ratio),
+    ("p99 vs nginx", "p99_us_vs_nginx", rig.fmt_ratio),
+)
+LOOKUP_COLUMNS: Final[Sequence[rig.Column]] = (
+    ("step", "step", rig.fmt_plain),
+    ("per request", "us_per_request", lambda us: f"{us:.2f} us"),
+    ("share of c=1 hit p50", "share_of_hit_p50", rig.fmt_plain),
+)
+
+
+def _with_shares(lookup: Sequence[Record], http: Sequence[Record]) -> list[Record]:
+    """Lookup records with their share of the sidecar's HTTP hit p50."""
+    sidecar = _find(http, leg="sidecar", concurrency=LATENCY_CONCURRENCY)
+    p50_us = None if sidecar is None else sidecar["p50_us"]
+    out = []
+    for record in lookup:
+        share = rig.ratio(record["us_per_request"], p50_us)
+        shown = None if share is None else f"{share:.1%}"
+        out.append({**record, "share_of_hit_p50": shown})
+    return out
+
+
+def _setup_record(settings: Settings, plan: rig.CpuPlan) -> Record:
+    return {
+        "bench": "cache",
+        "kind": "setup",
+        "request_bytes": len(REQUEST_BODY),
+        "answer_bytes": len(COMPLETION_BODY),
+        "duration_s": settings.duration_s,
+        "repeats": settings.repeats,
+        "proxy_cpu": plan.proxy_cpu,
+        "load_cpu": plan.load_cpu,
+        "loadavg": list(os.getloadavg()),
+        "sidecar_cmd": settings.sidecar_cmd,
+        "sidecar_log_level": os.environ.get("SIDECAR_LOG_LEVEL"),
+    }
+
+
+def _print_report(
+    settings: Settings,
+    plan: rig.CpuPlan,
+    found: Measurements,
+    json_path: Path | None,
+    argv: Sequence[str],
+) -> int:
+    """Print tables, targets and JSON lines; the exit status of the run."""
+    http = _http_records(found)
+    lookup = _with_shares(found.lookup, http)
+    verdicts = [_target_latency(found, http), _target_throughput(found, http)]
+    print(f"\n{plan.describe()}")
+    print(
+        f"\ncache hits: wrk, POST {CHAT_PATH} ({len(REQUEST_BODY)} B in,"
+        f" {len(COMPLETION_BODY)} B out), median of {settings.repeats}"
+    )
+    print(rig.format_records(http, HTTP_COLUMNS))
+    print(
+        "(past cache: POSTs the origin answered during the measured runs;"
+        " 0 means every request was a hit)"
+    )
+    print("\nthe sidecar's lookup path in-process, no HTTP (median of batches)")
+    print(rig.format_records(lookup, LOOKUP_COLUMNS))
+    failures = [
+        {"bench": "cache", "kind": "failure", "leg": leg, "reason": reason}
+        for leg, reason in found.failures.items()
+    ]
+    if failures:
+        print("\nfailed legs")
+        for failure in failures:
+            print(f"  {failure['leg']}: {str(failure['reason']).splitlines()[0]}")
+    print("\ntargets for the sidecar")
+    for verdict in verdicts:
+        print(f"{verdict.result} {verdict.target}: {verdict.detail}")
+
+    records = [_setup_record(settings, plan), *http, *lookup, *failures]
+    records += [verdict.record() for verdict in verdicts]
+    print()
+    for record in records:
+        print(rig.json_line(record))
+    if json_path is not None:
+        rig.write_json_lines(json_path, records)
+        print(f"wrote {len(records)} JSON lines to {json_path}")
+    print(rig.rerun_line("bench.bench_cache", argv))
+    failed = bool(failures) or any(v.result == "FAIL" for v in verdicts)
+    return 1 if failed else 0
+
+
+# -- command line -------------------------------------------------------------
+
+
+def _parse_args(argv: Sequence[str]) -> tuple[Settings, Path | None]:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.bench_cache",
+        description="Cost of a cache hit: the sidecar next to nginx proxy_cache.",
+    )
+    parser.add_argument("--quick", action="store_true", help="short runs, one repeat")
+    parser.add_argument("--duration-s", type=float, help="seconds per wrk run (5)")
+    parser.add_argument("--repeats", type=int, help="runs per point, median kept (3)")
+    parser.add_argument(
+        "--sidecar-cmd",
+        default=DEFAULT_SIDECAR_CMD,
+        help="command for the sidecar leg; fields: {python} {upstream} {port} "
+        "{admin_port} {data_dir}",
+    )
+    parser.add_argument(
+        "--one-core",
+        action="store_true",
+        help="run the proxy on the load CPU too (no cross-CPU wake-ups)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the JSON lines here")
+    args = parser.parse_args(argv)
+    if args.duration_s is not None and args.duration_s <= 0:
+        parser.error("--duration-s needs a positive number of seconds")
+    quick = args.quick
+    settings = Settings(
+        duration_s=args.duration_s or (2.0 if quick else 5.0),
+        warmup_s=1.0,
+        repeats=max(1, args.repeats or (1 if quick else 3)),
+        lookup_calls=QUICK_LOOKUP_CALLS if quick else LOOKUP_CALLS,
+        sidecar_cmd=args.sidecar_cmd,
+        one_core=args.one_core,
+    )
+    return settings, args.json
+
+
+def _raise_exit(signum: int, frame: FrameType | None) -> None:
+    # SIGTERM (from run_all's budget) unwinds the ExitStack, which stops
+    # every process this run started.
+    raise SystemExit(128 + signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    settings, json_path = _parse_args(argv)
+    signal.signal(signal.SIGTERM, _raise_exit)
+    plan = rig.plan_cpus(one_core=settings.one_core)
+    rig.pin_self(plan.load_cpu)
+    _progress(plan.describe())
+    _progress(f"sidecar command: {settings.sidecar_cmd}")
+    found = Measurements()
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
+        try:
+            _measure_lookup(settings, plan, found)
+            _measure_http(settings, plan, Path(tmp), found)
+        except rig.RigError as exc:
+            _fail(found, "all", str(exc))
+        except SystemExit:
+            # Stopped (run_all's budget): report what was measured so far.
+            _fail(found, "all", "stopped by a signal before the end")
+            _print_report(settings, plan, found, json_path, argv)
+            raise
+    return _print_report(settings, plan, found, json_path, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
