@@ -43,7 +43,9 @@ from sidecar.cache.compress import Compressor
 from sidecar.cache.stage import CacheStage
 from sidecar.cache.store import AsyncDiskStore, StoreError
 from sidecar.cache.tiers import TieredCache
+from sidecar.coalesce import Coalescer
 from sidecar.environment import Environment
+from sidecar.limits import UpstreamLimiter
 from sidecar.errors import ErrorCode, ManifestError, SidecarError, error_body
 from sidecar.manifest import Manifest, Router, load_manifest
 from sidecar.metrics import Metrics
@@ -167,6 +169,24 @@ class Sidecar:
             max_entry_bytes=manifest.cache.max_entry_bytes,
             max_body_bytes=manifest.limits.max_body_bytes,
         )
+        c = manifest.coalescing
+        self.coalescer = Coalescer(
+            self.metrics,
+            enabled=c.enabled,
+            follower_timeout_s=c.follower_timeout,
+            max_waiters=c.max_waiters,
+            max_keys=c.max_keys,
+            hit_for_miss_s=c.hit_for_miss,
+            max_buffer_bytes=manifest.cache.max_entry_bytes,
+            credential_headers=manifest.scopes.credential_headers,
+        )
+        lim = manifest.limits
+        self.limiter = UpstreamLimiter(
+            self.metrics,
+            max_in_flight=lim.upstream_in_flight,
+            max_queue=lim.upstream_queue,
+            queue_timeout_s=lim.queue_timeout,
+        )
         self.proxy.set_stages(self._stages())
         self.started_at = time.time()
         self.draining = False
@@ -198,7 +218,12 @@ class Sidecar:
 
     def _stages(self) -> list[Stage]:
         """The pipeline, in order (see proxy.py for what a stage may do)."""
-        return [self.cache_stage.lookup, self.cache_stage.record]
+        return [
+            self.cache_stage.lookup,
+            self.coalescer,
+            self.cache_stage.record,
+            self.limiter,
+        ]
 
     async def _open_disk(self) -> AsyncDiskStore | None:
         m = self.manifest
@@ -411,6 +436,18 @@ class Sidecar:
         )
         self.proxy.max_body_bytes = new.limits.max_body_bytes
         self.proxy.max_header_bytes = new.limits.max_header_bytes
+        c = new.coalescing
+        self.coalescer.enabled = c.enabled
+        self.coalescer.follower_timeout_s = c.follower_timeout
+        self.coalescer.max_waiters = c.max_waiters
+        self.coalescer.max_keys = c.max_keys
+        self.coalescer.hit_for_miss_s = c.hit_for_miss
+        self.coalescer.max_buffer_bytes = new.cache.max_entry_bytes
+        self.limiter.set_limits(
+            max_in_flight=new.limits.upstream_in_flight,
+            max_queue=new.limits.upstream_queue,
+            queue_timeout_s=new.limits.queue_timeout,
+        )
         self.cache_stage.max_entry_bytes = new.cache.max_entry_bytes
         self.cache_stage.max_body_bytes = new.limits.max_body_bytes
         self.environment.set_output_fields(_output_fields(new))
@@ -434,6 +471,7 @@ class Sidecar:
                 "duration_ms": round(duration_s * 1000, 3),
                 "cache": ex.cache,
                 "reason": ex.cache_reason,
+                "coalesced": ex.coalesced,
                 "upstream_ms": None if ex.upstream_s is None else round(ex.upstream_s * 1000, 3),
                 "bytes": ex.bytes_out,
                 **({"cut": True} if ex.cut else {}),

@@ -169,6 +169,8 @@ class Metrics:
         self.upstream_in_flight.set({}, 0)
         self.sse_subscribers.set({}, 0)
         self.coalescing_waiters.set({}, 0)
+        self.shed.set({"reason": "queue_full"}, 0)
+        self.shed.set({"reason": "queue_timeout"}, 0)
 
         self.hot = RequestMetrics(self)
 
