@@ -38,7 +38,9 @@ from aiohttp import web
 from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 
-from sidecar import log
+from sidecar import log, state
+from sidecar.artifacts import ArtifactCounters, ArtifactOptions, Artifacts
+from sidecar.balance import Balancer
 from sidecar.cache.compress import Compressor
 from sidecar.cache.stage import CacheStage
 from sidecar.cache.store import AsyncDiskStore, StoreError
@@ -49,6 +51,7 @@ from sidecar.limits import UpstreamLimiter
 from sidecar.errors import ErrorCode, ManifestError, SidecarError, error_body
 from sidecar.manifest import Manifest, Router, load_manifest
 from sidecar.metrics import Metrics
+from sidecar.prompt import PromptRewriter, TokenMeter, scopes_salt
 from sidecar.proxy import Exchange, Forwarder, Proxy, Stage, json_error
 from sidecar.scope import Scopes, load_secret
 from sidecar.upstream import Upstream
@@ -180,6 +183,17 @@ class Sidecar:
             max_buffer_bytes=manifest.cache.max_entry_bytes,
             credential_headers=manifest.scopes.credential_headers,
         )
+        self.rewriter = PromptRewriter(
+            manifest.prompt_cache.mode,
+            manifest.upstream.kind,
+            scopes_salt(self.scopes),
+            max_body_bytes=manifest.limits.max_body_bytes,
+        )
+        self.token_meter = TokenMeter(
+            self.metrics, on_tokens=self._on_tokens,
+            max_json_bytes=manifest.cache.max_entry_bytes,
+        )
+        self.balancer = self._make_balancer(manifest)
         lim = manifest.limits
         self.limiter = UpstreamLimiter(
             self.metrics,
@@ -187,6 +201,16 @@ class Sidecar:
             max_queue=lim.upstream_queue,
             queue_timeout_s=lim.queue_timeout,
         )
+        self._build_state(manifest)
+        self.artifacts = Artifacts(
+            dirs=manifest.artifacts.dirs,
+            data_dir=self.data_dir,
+            upstream_url=manifest.upstream_urls[0],
+            upstream_patterns=manifest.artifacts.upstream_patterns,
+            counters=self._artifact_counters(),
+            options=ArtifactOptions(forwarded_mode=str(manifest.listen.forwarded)),
+        )
+        self.proxy.interceptors = [self._intercept_artifacts]
         self.proxy.set_stages(self._stages())
         self.started_at = time.time()
         self.draining = False
@@ -217,13 +241,98 @@ class Sidecar:
         ]
 
     def _stages(self) -> list[Stage]:
-        """The pipeline, in order (see proxy.py for what a stage may do)."""
-        return [
+        """The pipeline, in order (see proxy.py for what a stage may do).
+
+        The rewrite comes first so the action key covers the body as sent;
+        the record stage sits after the coalescer so a flight is stored once;
+        token accounting reads every upstream answer; the balancer picks the
+        replica and the limiter guards the upstream last, just before the
+        forwarder.
+        """
+        stages: list[Stage] = [
+            self.rewriter,
             self.cache_stage.lookup,
             self.coalescer,
             self.cache_stage.record,
-            self.limiter,
+            self.token_meter,
         ]
+        if self.balancer is not None:
+            stages.append(self.balancer)
+        stages.append(self.limiter)
+        return stages
+
+    def _make_balancer(self, manifest: Manifest) -> Balancer | None:
+        if len(self.upstreams) < 2:
+            return None
+        return Balancer(
+            self.upstreams, kind=manifest.upstream.kind,
+            max_body_bytes=manifest.limits.max_body_bytes,
+        )
+
+    def _build_state(self, manifest: Manifest) -> None:
+        """The read models, their producers' hooks, and the hub publishing them."""
+        s = manifest.state
+        self.hub = state.StateHub(
+            coalesce_s=s.coalesce, idle_publish_s=s.idle_publish, replay=s.replay,
+            subscriber_queue=s.subscriber_queue, retry_s=s.retry,
+            max_subscribers=manifest.limits.sse_subscribers,
+            on_subscribers=lambda n: self.metrics.sse_subscribers.set({}, n),
+        )
+        self.cache_model = state.CacheModel()
+        self.routes_model = state.RoutesModel()
+        self.coalescing_model = state.CoalescingModel()
+        self.policy_model = state.PolicyModel(manifest, manifest.digest, manifest.source)
+        url = manifest.upstream_urls[0]
+        self.upstream_model = state.UpstreamModel(manifest.upstream.kind, url)
+        self.poller = state.UpstreamPoller(
+            self.upstream_model, url, manifest.upstream.kind,
+            interval_s=manifest.upstream.poll_interval,
+        )
+        self.coalescer.on_event = self.coalescing_model.record
+        for name, model in (
+            ("cache", self.cache_model), ("routes", self.routes_model),
+            ("coalescing", self.coalescing_model), ("upstream", self.upstream_model),
+            ("policy", self.policy_model),
+        ):
+            self.hub.register(name, model)
+
+    def _artifact_counters(self) -> ArtifactCounters:
+        m = self.metrics
+        return ArtifactCounters(
+            requests=lambda outcome: m.artifact_requests.inc({"outcome": outcome}),
+            bytes_served=lambda n: m.artifact_bytes_served.add({}, n),
+            quarantined=lambda reason: m.artifact_quarantined.inc({"reason": reason}),
+            hashed_bytes=lambda n: m.artifact_hashed_bytes.add({}, n),
+            ingests=lambda outcome: m.artifact_ingests.inc({"outcome": outcome}),
+        )
+
+    async def _intercept_artifacts(self, request: web.BaseRequest) -> web.StreamResponse | None:
+        if self.artifacts.is_by_hash(request.raw_path):
+            return await self.artifacts.handle(request)
+        if self.manifest.artifacts.upstream_patterns:
+            return await self.artifacts.handle_upstream(request)
+        return None
+
+    def _on_tokens(self, route: str, replica: str, reused: int, evaluated: int) -> None:
+        self.routes_model.add_prompt_tokens(route, reused, evaluated)
+
+    async def _state_upkeep(self) -> None:
+        """Gauges that no request event moves: tier sizes, waiters."""
+        while True:
+            await asyncio.sleep(max(self.manifest.state.coalesce, 1.0))
+            stats = await self.cache.refresh_gauges()
+            memory = stats["memory"]
+            self.cache_model.set_tier(
+                "memory", entries=memory.get("entries"), bytes=memory.get("weight"),
+                evictions=memory.get("evictions"),
+            )
+            disk = stats["disk"]
+            if disk and "entries" in disk:
+                self.cache_model.set_tier(
+                    "disk", entries=disk["entries"], bytes=disk["bytes"],
+                    evictions=disk.get("evictions"),
+                )
+            self.coalescing_model.set_waiters(self.coalescer.waiters)
 
     async def _open_disk(self) -> AsyncDiskStore | None:
         m = self.manifest
@@ -249,6 +358,8 @@ class Sidecar:
         app.router.add_post("/admin/policy/reload", self._admin_reload)
         app.router.add_get("/admin/cache/stats", self._admin_cache_stats)
         app.router.add_post("/admin/cache/purge", self._admin_cache_purge)
+        app.router.add_routes(self.artifacts.routes())
+        state.attach(app, self.hub)
         return app
 
     # -- running --------------------------------------------------------------
@@ -273,6 +384,12 @@ class Sidecar:
                     " fail: fix or remove the directory, or choose memory_only"
                 ) from None
         self._spawn(self.cache.upkeep_forever(), "cache-upkeep")
+        await self.artifacts.start()
+        self.hub.register("artifacts", self.artifacts.model)
+        await self.poller.start()
+        if self.balancer is not None:
+            self.balancer.start()
+        self._spawn(self._state_upkeep(), "state-upkeep")
         limit = m.limits.max_header_bytes
         server = _DataServer(
             self.proxy.handle,
@@ -320,7 +437,7 @@ class Sidecar:
         while not self.draining:
             ok = False
             try:
-                resp = await self.upstream.request("GET", path, _PROBE_HEADERS)
+                resp = await self.upstream.request("GET", path, _PROBE_HEADERS, probe=True)
                 async with resp:
                     async for _ in resp.iter_chunks():
                         pass
@@ -385,6 +502,10 @@ class Sidecar:
             if task is not asyncio.current_task():
                 task.cancel()
         await self._cleanup_runners()
+        await self.poller.close()
+        if self.balancer is not None:
+            await self.balancer.close()
+        await self.artifacts.close()
         await self.cache_stage.drain_writes()
         await self.cache.close()
         for pool in self.upstreams:
@@ -405,12 +526,14 @@ class Sidecar:
             new = self._reload_manifest()
         except ManifestError as exc:
             self.metrics.policy_reloads.inc({"result": "error"})
+            self.policy_model.record_reload_failure(exc.errors[0] if exc.errors else str(exc))
             log.manifest.error(
                 "manifest.reload_failed",
                 extra={"errors": len(exc.errors), "first": exc.errors[0] if exc.errors else ""},
             )
             return False
         self._apply(new)
+        self.policy_model.update(new, new.digest, new.source)
         self.metrics.policy_reloads.inc({"result": "ok"})
         log.manifest.info(
             "manifest.reloaded",
@@ -430,6 +553,12 @@ class Sidecar:
             # requests use the new pools.
             for pool in previous:
                 self._spawn(_close_later(pool), "close-old-upstream")
+            if self.balancer is not None:
+                self._spawn(self.balancer.close(), "close-old-balancer")
+            self.balancer = self._make_balancer(new)
+            if self.balancer is not None:
+                self.balancer.start()
+        self.rewriter.mode = new.prompt_cache.mode
         self.proxy.router = Router(new.routes)
         self.proxy.forwarder = Forwarder(
             self.upstream, new.listen.forwarded, new.limits.max_body_bytes
@@ -452,6 +581,7 @@ class Sidecar:
         self.cache_stage.max_body_bytes = new.limits.max_body_bytes
         self.environment.set_output_fields(_output_fields(new))
         self.manifest = new
+        self.proxy.set_stages(self._stages())
 
     # -- per-request accounting -----------------------------------------------
 
@@ -460,6 +590,13 @@ class Sidecar:
         self.metrics.hot.request(
             route, ex.status, ex.cache, duration_s, ex.upstream_s, _cache_outcome(ex)
         )
+        self.routes_model.observe(route, ex.status, duration_s)
+        shown = "coalesced" if ex.coalesced == "follower" else ex.cache
+        if shown != "none":
+            self.cache_model.record(
+                ex.tier, route, shown, latency_saved_s=ex.saved_s,
+                bytes_saved=ex.bytes_out if shown == "hit" else 0,
+            )
         if not log.access.isEnabledFor(logging.INFO):
             return
         log.access.info(

@@ -35,7 +35,7 @@ _PROPS_FIELDS: Final = (
 
 
 async def _get_json(upstream: Upstream, path: str) -> Any:
-    resp = await upstream.request("GET", path, list(_PROBE))
+    resp = await upstream.request("GET", path, list(_PROBE), probe=True)
     async with resp:
         body = b"".join([chunk async for chunk in resp.iter_chunks()])
     if resp.status != 200:

@@ -161,6 +161,34 @@ class Metrics:
             " bad_request).",
             registry=r,
         )
+        self.artifact_requests = Counter(
+            "sidecar_artifact_requests_total",
+            "Answers of /admin/models/by-hash/{sha256}, by outcome (full, partial,"
+            " not_modified, head, range_not_satisfiable, not_found, malformed).",
+            registry=r,
+        )
+        self.artifact_bytes_served = Counter(
+            "sidecar_artifact_bytes_served_total",
+            "Body bytes sent for digest-addressed artifacts.",
+            registry=r,
+        )
+        self.artifact_quarantined = Counter(
+            "sidecar_artifact_quarantined_total",
+            "Artifacts withdrawn because their bytes no longer match their digest,"
+            " by reason (modified, corrupt).",
+            registry=r,
+        )
+        self.artifact_hashed_bytes = Counter(
+            "sidecar_artifact_hashed_bytes_total",
+            "Bytes read to compute or verify artifact digests.",
+            registry=r,
+        )
+        self.artifact_ingests = Counter(
+            "sidecar_artifact_ingests_total",
+            "Upstream blob fetches, by outcome (stored, mismatch, upstream_status,"
+            " failed).",
+            registry=r,
+        )
         # Counters that must show 0 from the first scrape, so rate() and
         # alerts work before the first event.
         self.policy_reloads.set({"result": "ok"}, 0)

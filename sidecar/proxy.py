@@ -99,6 +99,9 @@ class Exchange:
     # What the cache did (X-Sidecar-Cache) and, when not a hit, why.
     cache: str = "none"
     cache_reason: str | None = None
+    # The tier a hit came from, and the upstream time it saved.
+    tier: str | None = None
+    saved_s: float = 0.0
     # Whether the answer was stored in the cache (None: not decided yet).
     stored: bool | None = None
     # Set by a stage that knows this answer must not be stored (a follower
@@ -303,6 +306,9 @@ class Proxy:
         self.max_header_bytes = max_header_bytes
         self._observe = observe
         self._chain = self._build_chain(stages)
+        # Handlers that may answer a request before the pipeline (the
+        # digest-addressed artifacts), each returning None to pass it on.
+        self.interceptors: list[Callable[[web.BaseRequest], Awaitable[web.StreamResponse | None]]] = []
         self.draining = False
         self.ending_streams = False
         self.in_flight = 0
@@ -351,6 +357,10 @@ class Proxy:
         request = ex.request
         try:
             self._check_request(request)
+            for intercept in self.interceptors:
+                answered = await intercept(request)
+                if answered is not None:
+                    return answered
             if request.body_exists:
                 await self._send_continue(request)
                 length = request.content_length

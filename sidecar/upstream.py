@@ -324,6 +324,7 @@ class UpstreamResponse:
 
     __slots__ = (
         "_conn",
+        "_counted",
         "_keep",
         "_pool",
         "_released",
@@ -333,7 +334,9 @@ class UpstreamResponse:
         "status",
     )
 
-    def __init__(self, conn: _Connection, pool: Upstream, keep: bool) -> None:
+    def __init__(
+        self, conn: _Connection, pool: Upstream, keep: bool, counted: bool = True
+    ) -> None:
         self._conn = conn
         self._pool = pool
         self.status = conn.status
@@ -342,6 +345,7 @@ class UpstreamResponse:
         self.bad_headers = conn.bad_headers
         self._released = False
         self._keep = keep
+        self._counted = counted
 
     @property
     def complete(self) -> bool:
@@ -362,7 +366,8 @@ class UpstreamResponse:
         if self._released:
             return
         self._released = True
-        self._pool._in_flight -= 1
+        if self._counted:
+            self._pool._in_flight -= 1
         conn = self._conn
         if self._keep and conn.reusable:
             self._pool._put_idle(conn)
@@ -500,6 +505,7 @@ class Upstream:
         body: Body = None,
         *,
         content_length: int | None = None,
+        probe: bool = False,
     ) -> UpstreamResponse:
         """Send one request and return once the response head has arrived.
 
@@ -508,11 +514,14 @@ class Upstream:
         ``Host`` and framing headers: this method adds ``Host`` and the
         framing (``Content-Length`` for bytes or a known length, chunked
         otherwise). Raises an ``UpstreamError`` subclass on any failure.
+        A ``probe`` (the sidecar's own health and identity reads) is left out
+        of ``in_flight``, which measures client load for the balancer.
         """
         if self.closed:
             raise UpstreamConnectError("the sidecar is shutting down")
         replayable = body is None or isinstance(body, bytes)
-        self._in_flight += 1
+        counted = not probe
+        self._in_flight += counted
         try:
             for attempt in (1, 2):
                 conn = await self._acquire()
@@ -537,10 +546,10 @@ class Upstream:
                     # No body follows a HEAD response whatever its headers say.
                     conn.message_done = True
                     conn._cancel_timer()
-                return UpstreamResponse(conn, self, keep)
+                return UpstreamResponse(conn, self, keep, counted)
             raise AssertionError("unreachable")
         except BaseException:
-            self._in_flight -= 1
+            self._in_flight -= counted
             raise
 
     async def _send(

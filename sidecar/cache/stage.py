@@ -309,11 +309,11 @@ class CacheStage:
         ex.cache = "hit"
         ex.cache_reason = None
         ex.stored = True
+        ex.tier = tier
         served_s = time.perf_counter() - ex.started
         route = ex.route.name
-        self.metrics.cache_latency_saved.add(
-            {"route": route}, max(0.0, entry.upstream_duration_s - served_s)
-        )
+        ex.saved_s = max(0.0, entry.upstream_duration_s - served_s)
+        self.metrics.cache_latency_saved.add({"route": route}, ex.saved_s)
         self.metrics.cache_bytes_saved.add({"route": route}, entry.size)
         log.cache.debug("cache.hit", extra={"route": route, "tier": tier, "size_bytes": entry.size})
         return CachedReply(entry, {"X-Sidecar-Cache": "hit", "Age": str(age)})

@@ -38,8 +38,13 @@ def _free_port() -> int:
 
 async def _assert_nothing_left(sidecar: Sidecar) -> None:
     """No request in flight, no upstream request open, no stray task."""
+    # Closing a connection completes on a later loop turn; give it a few.
     for _ in range(100):
-        if sidecar.proxy.in_flight == 0 and sidecar.upstream.in_flight == 0:
+        if (
+            sidecar.proxy.in_flight == 0
+            and sidecar.upstream.in_flight == 0
+            and sidecar.upstream.open_connections == len(sidecar.upstream._idle)
+        ):
             break
         await asyncio.sleep(0.01)
     assert sidecar.proxy.in_flight == 0

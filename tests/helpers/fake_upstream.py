@@ -76,9 +76,9 @@ class FakeUpstream:
         )
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
-        if request.headers.get("User-Agent", "").startswith("sidecar-health/"):
-            # The sidecar's readiness probe: answered, never recorded, so tests
-            # count only the requests they made.
+        if request.headers.get("User-Agent", "").startswith(("sidecar-health/", "sidecar-poller/")):
+            # The sidecar's own probes and state polling: answered, never
+            # recorded, so tests count only the requests they made.
             return web.json_response({"status": "ok"})
         body = await request.content.read()
         self.received.append(
