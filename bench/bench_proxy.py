@@ -507,7 +507,7 @@ def _sse_records(settings: Settings, found: Measurements) -> list[Record]:
                 "interval_ms": settings.sse_interval_ms,
                 "p50_us": rig.median(p50s),
                 "p99_us": rig.median(p99s),
-                "rounds": [{"p50_us": a, "p99_us": b} for a, b in zip(p50s, p99s)],
+                "rounds": [{"p50_us": a, "p99_us": b} for a, b in zip(p50s, p99s, strict=True)],
             }
         )
     direct = _find(records, leg="direct")

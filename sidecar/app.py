@@ -47,8 +47,8 @@ from sidecar.cache.store import AsyncDiskStore, StoreError
 from sidecar.cache.tiers import TieredCache
 from sidecar.coalesce import Coalescer
 from sidecar.environment import Environment
-from sidecar.limits import UpstreamLimiter
 from sidecar.errors import ErrorCode, ManifestError, SidecarError, error_body
+from sidecar.limits import UpstreamLimiter
 from sidecar.manifest import Manifest, Router, load_manifest
 from sidecar.metrics import Metrics
 from sidecar.prompt import PromptRewriter, TokenMeter, scopes_salt
@@ -621,11 +621,18 @@ class Sidecar:
         return web.json_response({"status": "alive", "uptime_s": round(time.time() - self.started_at, 3)})
 
     @property
+    def upstream_reachable(self) -> bool:
+        """The first upstream answers, or, with replicas, any healthy one."""
+        if self.balancer is not None:
+            return self.upstream_ok or any(r.healthy for r in self.balancer.replicas)
+        return self.upstream_ok
+
+    @property
     def ready(self) -> bool:
-        return not self.draining and self.upstream_ok
+        return not self.draining and self.upstream_reachable
 
     async def _readyz(self, request: web.Request) -> web.Response:
-        body = {"ready": self.ready, "draining": self.draining, "upstream": self.upstream_ok}
+        body = {"ready": self.ready, "draining": self.draining, "upstream": self.upstream_reachable}
         return web.json_response(body, status=200 if self.ready else 503)
 
     async def _metrics(self, request: web.Request) -> web.Response:

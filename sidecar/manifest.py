@@ -1438,7 +1438,7 @@ def _capped(errors: list[str], source: str) -> list[str]:
     if len(errors) <= MAX_ERRORS:
         return errors
     hidden = len(errors) - MAX_ERRORS
-    return errors[:MAX_ERRORS] + [f"{source}: {hidden} more errors not shown"]
+    return [*errors[:MAX_ERRORS], f"{source}: {hidden} more errors not shown"]
 
 
 def load_manifest(

@@ -212,7 +212,7 @@ class Metrics:
 class _Series:
     """One histogram series kept as plain numbers: per-bucket counts, sum, count."""
 
-    __slots__ = ("counts", "total", "n")
+    __slots__ = ("counts", "n", "total")
 
     def __init__(self, size: int) -> None:
         self.counts = [0] * size

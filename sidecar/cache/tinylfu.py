@@ -41,8 +41,13 @@ Invariants:
 
 Known limitations: expired entries leave only when looked up or when they
 reach the LRU end of the main region (no timer wheel), so until then they
-take room and count in ``len`` and ``weight``. Not thread-safe: the
-event-loop thread owns each instance, and no call awaits.
+take room and count in ``len`` and ``weight``. The climber needs one sample
+period per step, so a cache of 100,000 entries takes millions of lookups to
+move its window far; until then it behaves as W-TinyLFU with a 1% window.
+Keys reach the sketch through ``hash()``, which Python salts per process for
+bytes and str (the memory tier's digest keys) but not for ints, so a client
+choosing int keys could aim collisions at a victim's counters. Not
+thread-safe: the event-loop thread owns each instance, and no call awaits.
 """
 
 from __future__ import annotations
@@ -523,7 +528,7 @@ class WTinyLFU(Generic[V]):
                 self._evict(key, entry, evicted)
                 return
             else:
-                pass
+                self._evict(victim_key, victim_entry, evicted)
         self._probation[key] = entry
         self._seg_weight[_PROBATION] += entry.weight
 

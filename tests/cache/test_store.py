@@ -666,7 +666,7 @@ def test_open_store_corrupt_memory_only_returns_none(
 def test_open_store_corrupt_fail_raises(db_path: Path) -> None:
     """fail: a corrupt directory raises StoreCorruptError naming the fallback."""
     corrupt_directory(db_path)
-    with pytest.raises(StoreCorruptError, match="fallbacks.disk: quarantine"):
+    with pytest.raises(StoreCorruptError, match=r"fallbacks\.disk: quarantine"):
         open_store(db_path, "fail", max_bytes=MiB, max_entry_bytes=MiB, compressor=None)
 
 
