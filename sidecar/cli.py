@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import sys
 from collections.abc import Sequence
@@ -92,6 +93,12 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"sidecar: {exc}", file=sys.stderr)
             await sidecar.close()
             return 2
+        # Everything built so far lives as long as the process: move it out
+        # of the collector's sight, so a full collection scans only what
+        # requests allocate, and run the youngest generation less often.
+        # Both shorten the pauses that show up as tail latency on streams.
+        gc.freeze()
+        gc.set_threshold(10_000, 20, 20)
         await sidecar.serve_until_signalled()
         return 0
 
