@@ -315,6 +315,7 @@ class Sidecar:
 
     def _on_tokens(self, route: str, replica: str, reused: int, evaluated: int) -> None:
         self.routes_model.add_prompt_tokens(route, reused, evaluated)
+        self.upstream_model.add_prompt_tokens(replica, reused, evaluated)
 
     async def _state_upkeep(self) -> None:
         """Gauges that no request event moves: tier sizes, waiters."""
@@ -333,6 +334,8 @@ class Sidecar:
                     evictions=disk.get("evictions"),
                 )
             self.coalescing_model.set_waiters(self.coalescer.waiters)
+            if self.balancer is not None:
+                self.upstream_model.update(replicas=self.balancer.snapshot())
 
     async def _open_disk(self) -> AsyncDiskStore | None:
         m = self.manifest

@@ -106,6 +106,10 @@ class UpstreamModel:
             "props": None,
             "models": None,
             "metrics": {"enabled": None, "status": None, "families": None},
+            # Written by the sidecar, not polled: prompt tokens each replica
+            # reported reusing and evaluating, and the balancer's view of them.
+            "prompt_tokens": {},
+            "replicas": None,
         }
 
     @property
@@ -124,6 +128,14 @@ class UpstreamModel:
         if changed:
             self.version += 1
 
+    def add_prompt_tokens(self, replica: str, reused: int, evaluated: int) -> None:
+        """Prompt tokens one answer from ``replica`` reported (token accounting)."""
+        tokens = self._doc["prompt_tokens"]
+        counts = tokens.setdefault(replica, {"reused": 0, "evaluated": 0})
+        counts["reused"] += reused
+        counts["evaluated"] += evaluated
+        self.version += 1
+
     def set_status(self, status: str, error: str | None = None) -> bool:
         """Record the upstream's status; True when it changed."""
         changed = bool(status != self._doc["status"])
@@ -132,7 +144,9 @@ class UpstreamModel:
         return changed
 
     def snapshot(self) -> dict[str, Any]:
-        return dict(self._doc)
+        doc = dict(self._doc)
+        doc["prompt_tokens"] = {k: dict(v) for k, v in self._doc["prompt_tokens"].items()}
+        return doc
 
     def __repr__(self) -> str:
         return f"<UpstreamModel v{self.version} {self._doc['kind']} {self.status}>"

@@ -84,3 +84,21 @@ async def test_wiring_artifacts_by_hash_on_both_ports(fake_upstream: FakeUpstrea
             async with s.get(f"{base}/admin/models/by-hash/{digest.upper()}") as resp:
                 assert resp.status == 400
     assert fake_upstream.calls == 0
+
+
+async def test_wiring_prompt_tokens_reach_read_models(fake_upstream: FakeUpstream, make_sidecar: SidecarFactory) -> None:
+    """Tokens an answer reports land in the routes and upstream read models."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"content": "x", "stop": True, "stop_type": "limit",
+                                  "timings": {"cache_n": 7, "prompt_n": 3}})
+
+    fake_upstream.handler = handler
+    sidecar = await make_sidecar(fake_upstream.url)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(data_url(sidecar) + "/completion", json={"prompt": "p", "temperature": 1}) as resp:
+            assert resp.status == 200
+            await resp.read()
+    upstream = sidecar.upstream_model.snapshot()["prompt_tokens"]
+    assert upstream == {sidecar.upstream.authority: {"reused": 7, "evaluated": 3}}
+    assert "7" in str(sidecar.routes_model.snapshot())
