@@ -35,11 +35,10 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
-from aiohttp.web_protocol import RequestHandler
 
 from sidecar import log, state
 from sidecar.artifacts import ArtifactCounters, ArtifactOptions, Artifacts
+from sidecar.artifacts.ingest import compile_pattern
 from sidecar.balance import Balancer
 from sidecar.cache.compress import Compressor
 from sidecar.cache.stage import CacheStage
@@ -48,11 +47,12 @@ from sidecar.cache.tiers import TieredCache
 from sidecar.coalesce import Coalescer
 from sidecar.environment import Environment
 from sidecar.errors import ErrorCode, ManifestError, SidecarError, error_body
+from sidecar.http import HTTPServer
 from sidecar.limits import UpstreamLimiter
 from sidecar.manifest import Manifest, Router, load_manifest
 from sidecar.metrics import Metrics
 from sidecar.prompt import PromptRewriter, TokenMeter, scopes_salt
-from sidecar.proxy import Exchange, Forwarder, Proxy, Stage, json_error
+from sidecar.proxy import Exchange, Forwarder, Next, Proxy, Reply, Stage
 from sidecar.scope import Scopes, load_secret
 from sidecar.upstream import Upstream
 
@@ -78,49 +78,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-class _DataRequestHandler(RequestHandler):
-    """aiohttp's connection handler with the sidecar's error responses.
-
-    aiohttp answers requests its parser refuses with a plain-text 400; the
-    sidecar's contract is a JSON error in the OpenAI shape, and 431 for
-    header fields over the size ceiling.
-    """
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; cannot send an error")
-        if isinstance(exc, LineTooLong) or (message and "Too many headers" in message):
-            code = ErrorCode.HEADERS_TOO_LARGE
-            text = "request header fields too large (limits.max_header_bytes)"
-        elif status >= 500:
-            log.server.error("server.handler_failed", exc_info=exc)
-            code, text = ErrorCode.UPSTREAM_FAILED, "internal error in the sidecar"
-            resp = web.Response(status=500, body=error_body(code, text),
-                                content_type="application/json")
-            resp.force_close()
-            return resp
-        else:
-            code = ErrorCode.BAD_REQUEST
-            text = f"malformed HTTP request: {log.clip(message or 'bad request')}"
-        log.proxy.debug("proxy.bad_request", extra={"status": code.status, "why": text})
-        resp = web.Response(
-            status=code.status, body=error_body(code, text), content_type="application/json"
-        )
-        resp.force_close()
-        return resp
-
-
-class _DataServer(web.Server):
-    def __call__(self) -> RequestHandler:
-        return _DataRequestHandler(self, loop=self._loop, **self._kwargs)
 
 
 class Sidecar:
@@ -210,7 +167,9 @@ class Sidecar:
             counters=self._artifact_counters(),
             options=ArtifactOptions(forwarded_mode=str(manifest.listen.forwarded)),
         )
-        self.proxy.interceptors = [self._intercept_artifacts]
+        self._artifact_patterns = [
+            compile_pattern(p) for p in manifest.artifacts.upstream_patterns
+        ]
         self.proxy.set_stages(self._stages())
         self.started_at = time.time()
         self.draining = False
@@ -218,7 +177,9 @@ class Sidecar:
         self.data_address: tuple[str, int] | None = None
         self.admin_address: tuple[str, int] | None = None
         self._runners: list[web.BaseRunner] = []
-        self._data_runner: web.ServerRunner | None = None
+        self._data_server: HTTPServer | None = None
+        # The admin port, for by-hash requests the data port passes on.
+        self._admin_hop: Upstream | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._stopped = asyncio.Event()
         self._drained = asyncio.Event()
@@ -250,6 +211,7 @@ class Sidecar:
         forwarder.
         """
         stages: list[Stage] = [
+            self._artifact_stage,
             self.rewriter,
             self.cache_stage.lookup,
             self.coalescer,
@@ -288,7 +250,7 @@ class Sidecar:
             self.upstream_model, url, manifest.upstream.kind,
             interval_s=manifest.upstream.poll_interval,
         )
-        self.coalescer.on_event = self.coalescing_model.record
+        self.coalescer.on_event = self.coalescing_model.record  # type: ignore[assignment]
         for name, model in (
             ("cache", self.cache_model), ("routes", self.routes_model),
             ("coalescing", self.coalescing_model), ("upstream", self.upstream_model),
@@ -306,12 +268,32 @@ class Sidecar:
             ingests=lambda outcome: m.artifact_ingests.inc({"outcome": outcome}),
         )
 
-    async def _intercept_artifacts(self, request: web.BaseRequest) -> web.StreamResponse | None:
-        if self.artifacts.is_by_hash(request.raw_path):
-            return await self.artifacts.handle(request)
-        if self.manifest.artifacts.upstream_patterns:
-            return await self.artifacts.handle_upstream(request)
-        return None
+    async def _artifact_stage(self, ex: Exchange, nxt: Next) -> Reply:
+        """Pass digest-addressed requests to the admin port, which serves them.
+
+        The artifact handlers stream files with sendfile on aiohttp's
+        transports; the data port runs the lean server, so it forwards these
+        requests over loopback to the admin port's same paths and relays the
+        answer. Zero-copy holds on the admin port; on the data port the bytes
+        cross Python once more.
+        """
+        path = ex.request.raw_path
+        if self._admin_hop is not None and (
+            self.artifacts.is_by_hash(path) or self._upstream_artifact(path)
+        ):
+            ex.upstream = self._admin_hop
+            return await self.proxy.forwarder(ex)
+        return await nxt(ex)
+
+    def _upstream_artifact(self, raw_target: str) -> bool:
+        path = raw_target.split("?", 1)[0]
+        return any(p.fullmatch(path) for p in self._artifact_patterns)
+
+    async def _admin_upstream_artifact(self, request: web.Request) -> web.StreamResponse:
+        answered = await self.artifacts.handle_upstream(request)
+        if answered is None:
+            return admin_error(ErrorCode.NOT_FOUND, "not a digest-addressed upstream path")
+        return answered
 
     def _on_tokens(self, route: str, replica: str, reused: int, evaluated: int) -> None:
         self.routes_model.add_prompt_tokens(route, reused, evaluated)
@@ -362,6 +344,8 @@ class Sidecar:
         app.router.add_get("/admin/cache/stats", self._admin_cache_stats)
         app.router.add_post("/admin/cache/purge", self._admin_cache_purge)
         app.router.add_routes(self.artifacts.routes())
+        for pattern in self.manifest.artifacts.upstream_patterns:
+            app.router.add_route("*", pattern, self._admin_upstream_artifact)
         state.attach(app, self.hub)
         return app
 
@@ -393,30 +377,26 @@ class Sidecar:
         if self.balancer is not None:
             self.balancer.start()
         self._spawn(self._state_upkeep(), "state-upkeep")
-        limit = m.limits.max_header_bytes
-        server = _DataServer(
-            self.proxy.handle,
-            handler_cancellation=True,
-            max_line_size=2 * limit,
-            max_field_size=2 * limit,
-            max_headers=512,
+        self._data_server = HTTPServer(
+            self.proxy.handle, max_header_bytes=m.limits.max_header_bytes
         )
-        self._data_runner = web.ServerRunner(server, shutdown_timeout=1.0)
-        await self._data_runner.setup()
         admin_runner = web.AppRunner(self._admin_app(), shutdown_timeout=1.0,
                                      handler_cancellation=True)
         await admin_runner.setup()
-        self._runners = [self._data_runner, admin_runner]
+        self._runners = [admin_runner]
         try:
-            data_site = web.TCPSite(self._data_runner, data_host, data_port)
-            await data_site.start()
             admin_site = web.TCPSite(admin_runner, admin_host, admin_port)
             await admin_site.start()
+            self.admin_address = _bound(admin_site)
+            self.data_address = await self._data_server.start(data_host, data_port)
         except OSError as exc:
             await self._cleanup_runners()
             raise StartupError(f"cannot listen: {exc.strerror or exc}") from None
-        self.data_address = _bound(data_site)
-        self.admin_address = _bound(admin_site)
+        hop_host = self.admin_address[0]
+        if hop_host in ("0.0.0.0", "::"):
+            hop_host = "127.0.0.1" if hop_host == "0.0.0.0" else "::1"
+        hop_host = f"[{hop_host}]" if ":" in hop_host else hop_host
+        self._admin_hop = Upstream(f"http://{hop_host}:{self.admin_address[1]}")
         self._spawn(self._health_loop(), "health")
         log.server.info(
             "sidecar.listening",
@@ -478,12 +458,9 @@ class Sidecar:
             extra={"in_flight": self.proxy.in_flight, "grace_s": listen.grace},
         )
         await asyncio.sleep(listen.drain_delay)
-        if self._data_runner is not None:
-            for site in list(self._data_runner.sites):
-                await site.stop()
-            server = self._data_runner.server
-            if server is not None:
-                server.pre_shutdown()
+        if self._data_server is not None:
+            self._data_server.stop_accepting()
+            self._data_server.close_idle()
         deadline = time.monotonic() + listen.grace
         while self.proxy.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -515,9 +492,13 @@ class Sidecar:
             await pool.close()
 
     async def _cleanup_runners(self) -> None:
+        if self._data_server is not None:
+            await self._data_server.close()
         for runner in self._runners:
             await runner.cleanup()
         self._runners = []
+        if self._admin_hop is not None:
+            await self._admin_hop.close()
 
     # -- manifest reload ------------------------------------------------------
 
@@ -649,7 +630,7 @@ class Sidecar:
     def _authorized(self, request: web.Request) -> web.Response | None:
         token = self.manifest.admin.token
         if not token:
-            return json_error(
+            return admin_error(
                 ErrorCode.UNAUTHORIZED,
                 "mutating admin calls need an admin token; none is configured"
                 " (set SIDECAR_ADMIN_TOKEN)",
@@ -657,7 +638,7 @@ class Sidecar:
         given = request.headers.get("Authorization", "")
         expected = "Bearer " + token
         if not hmac.compare_digest(given.encode(), expected.encode()):
-            return json_error(ErrorCode.UNAUTHORIZED, "missing or wrong admin token")
+            return admin_error(ErrorCode.UNAUTHORIZED, "missing or wrong admin token")
         return None
 
     async def _admin_cache_stats(self, request: web.Request) -> web.Response:
@@ -672,9 +653,9 @@ class Sidecar:
         try:
             doc = await request.json() if request.can_read_body else {}
         except ValueError:
-            return json_error(ErrorCode.BAD_REQUEST, "the body must be a JSON object")
+            return admin_error(ErrorCode.BAD_REQUEST, "the body must be a JSON object")
         if not isinstance(doc, dict) or set(doc) - {"route", "key"}:
-            return json_error(
+            return admin_error(
                 ErrorCode.BAD_REQUEST, 'expected {}, {"route": NAME} or {"key": HEX}'
             )
         try:
@@ -689,9 +670,9 @@ class Sidecar:
                     raise ValueError
                 removed = await self.cache.purge(route)
         except ValueError:
-            return json_error(ErrorCode.BAD_REQUEST, "key must be 64 hex digits, route a name")
+            return admin_error(ErrorCode.BAD_REQUEST, "key must be 64 hex digits, route a name")
         except StoreError as exc:
-            return json_error(ErrorCode.OVERLOADED, f"the disk tier refused the purge: {exc}")
+            return admin_error(ErrorCode.OVERLOADED, f"the disk tier refused the purge: {exc}")
         return web.json_response({"removed": removed})
 
     async def _admin_reload(self, request: web.Request) -> web.Response:
@@ -701,6 +682,12 @@ class Sidecar:
         ok = self.reload()
         body = {"reloaded": ok, "digest": self.manifest.digest, "source": self.manifest.source}
         return web.json_response(body, status=200 if ok else 422)
+
+
+def admin_error(code: ErrorCode, message: str) -> web.Response:
+    """An admin-port error in the OpenAI shape (the admin port runs on aiohttp)."""
+    return web.Response(status=code.status, body=error_body(code, message),
+                        content_type="application/json")
 
 
 def _output_fields(manifest: Manifest) -> dict[str, Any]:

@@ -23,8 +23,9 @@ Invariants:
   ``_SMALL_BODY_BYTES`` with a declared length (read in one go: one write
   instead of several, and no unbounded buffering) and bodies a stage asks to
   read (``Exchange.body``).
-- A client that goes away cancels its handler (aiohttp handler cancellation
-  is on), which aborts the upstream response and closes that connection.
+- A client that goes away cancels its handler (the data port's server,
+  sidecar/http/, cancels it), which aborts the upstream response and closes
+  that connection.
 """
 
 from __future__ import annotations
@@ -34,11 +35,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
-from aiohttp import web
-from aiohttp.http import HttpVersion11
 from multidict import CIMultiDict
 
 from sidecar import headers as hdrs
+from sidecar import http as web
 from sidecar import log
 from sidecar.errors import (
     ClientRequestError,
@@ -47,6 +47,7 @@ from sidecar.errors import (
     UpstreamError,
     error_body,
 )
+from sidecar.http import HttpVersion11
 from sidecar.upstream import Upstream, UpstreamResponse
 
 # Bodies up to this size with a declared Content-Length are read whole and
@@ -83,7 +84,7 @@ class Exchange:
     request ends. Event-loop thread only.
     """
 
-    request: web.BaseRequest
+    request: web.Request
     route: Any  # manifest.Route
     params: dict[str, str]
     started: float
@@ -221,7 +222,7 @@ async def read_body(ex: Exchange, max_bytes: int) -> bytes:
     """The whole request body, read once and kept on the exchange.
 
     For stages that must see the body (cache keys, prompt rewrites). Refuses
-    bodies over ``max_bytes`` with 413; aiohttp's own ``read()`` cap is not
+    bodies over ``max_bytes`` with 413; a server's own ``read()`` cap is not
     used because its error is not the sidecar's.
     """
     if ex.body is not None:
@@ -237,7 +238,7 @@ async def read_body(ex: Exchange, max_bytes: int) -> bytes:
     return ex.body
 
 
-async def _stream_body(request: web.BaseRequest, max_bytes: int) -> AsyncIterator[bytes]:
+async def _stream_body(request: web.Request, max_bytes: int) -> AsyncIterator[bytes]:
     """The request body as it arrives, refused once it passes ``max_bytes``."""
     seen = 0
     async for chunk in request.content.iter_any():
@@ -250,29 +251,10 @@ async def _stream_body(request: web.BaseRequest, max_bytes: int) -> AsyncIterato
         yield chunk
 
 
-class _TransparentMixin:
-    """Keeps aiohttp from adding ``Server`` or a default ``Content-Type``.
-
-    A client of the sidecar should see the upstream's header fields, not
-    aiohttp's defaults for fields the upstream chose not to send.
-    """
-
-    _headers: CIMultiDict[str]
-    _upstream_fields: frozenset[str]
-
-    async def _prepare_headers(self) -> None:
-        await super()._prepare_headers()  # type: ignore[misc]
-        for name in ("Server", "Content-Type"):
-            if name.lower() not in self._upstream_fields:
-                self._headers.popall(name, None)
-
-
-class RelayResponse(_TransparentMixin, web.StreamResponse):  # type: ignore[misc]
-    pass
-
-
-class RelayBodyResponse(_TransparentMixin, web.Response):  # type: ignore[misc]
-    pass
+# The lean server adds nothing of its own (no Server, no default
+# Content-Type), so the relay sends its responses as they are.
+RelayResponse = web.StreamResponse
+RelayBodyResponse = web.Response
 
 
 def json_error(code: ErrorCode, message: str, **extra_headers: str) -> web.Response:
@@ -306,9 +288,6 @@ class Proxy:
         self.max_header_bytes = max_header_bytes
         self._observe = observe
         self._chain = self._build_chain(stages)
-        # Handlers that may answer a request before the pipeline (the
-        # digest-addressed artifacts), each returning None to pass it on.
-        self.interceptors: list[Callable[[web.BaseRequest], Awaitable[web.StreamResponse | None]]] = []
         self.draining = False
         self.ending_streams = False
         self.in_flight = 0
@@ -334,7 +313,7 @@ class Proxy:
         for reply in list(self.streaming):
             reply.close()
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
         self.in_flight += 1
         route, params = self.router.match(request.method, request.raw_path.split("?", 1)[0])
@@ -357,10 +336,6 @@ class Proxy:
         request = ex.request
         try:
             self._check_request(request)
-            for intercept in self.interceptors:
-                answered = await intercept(request)
-                if answered is not None:
-                    return answered
             if request.body_exists:
                 await self._send_continue(request)
                 length = request.content_length
@@ -381,7 +356,7 @@ class Proxy:
             return json_error(exc.code, exc.message)
         return await self._relay(ex, reply)
 
-    def _check_request(self, request: web.BaseRequest) -> None:
+    def _check_request(self, request: web.Request) -> None:
         # RFC 9112 section 6.1: Transfer-Encoding in an HTTP/1.0 message means
         # the framing cannot be trusted; refuse and close the connection.
         if request.version < HttpVersion11 and "Transfer-Encoding" in request.headers:
@@ -404,14 +379,13 @@ class Proxy:
                 " limit (limits.max_body_bytes)",
             )
 
-    async def _send_continue(self, request: web.BaseRequest) -> None:
+    async def _send_continue(self, request: web.Request) -> None:
         expect = request.headers.get("Expect")
         if expect is not None and expect.lower() == "100-continue":
-            assert request.writer is not None
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await request.send_continue()
 
     def _refuse(
-        self, request: web.BaseRequest, code: ErrorCode, message: str
+        self, request: web.Request, code: ErrorCode, message: str
     ) -> web.Response:
         resp = json_error(code, message)
         if code in (ErrorCode.AMBIGUOUS_FRAMING, ErrorCode.PAYLOAD_TOO_LARGE):
@@ -422,7 +396,6 @@ class Proxy:
 
     async def _relay(self, ex: Exchange, reply: Reply) -> web.StreamResponse:
         request = ex.request
-        upstream_fields = frozenset(k.lower() for k in reply.headers.keys())
         if ex.extra_headers:
             reply.headers.update(ex.extra_headers)
         try:
@@ -434,13 +407,11 @@ class Proxy:
                     status=reply.status, reason=reply.reason, headers=reply.headers,
                     body=body,
                 )
-                resp._upstream_fields = upstream_fields  # type: ignore[attr-defined]
                 ex.bytes_out = len(body)
                 if self.draining:
                     resp.force_close()
                 return resp
             resp = RelayResponse(status=reply.status, reason=reply.reason, headers=reply.headers)
-            resp._upstream_fields = upstream_fields  # type: ignore[attr-defined]
             if reply.content_length is not None:
                 resp.content_length = reply.content_length
             if self.draining:
