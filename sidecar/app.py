@@ -170,7 +170,7 @@ class Sidecar:
         self._artifact_patterns = [
             compile_pattern(p) for p in manifest.artifacts.upstream_patterns
         ]
-        self.proxy.set_stages(self._stages())
+        self.proxy.set_stages(self._stages(), self._passthrough_stages())
         self.started_at = time.time()
         self.draining = False
         self.upstream_ok = False
@@ -218,6 +218,14 @@ class Sidecar:
             self.cache_stage.record,
             self.token_meter,
         ]
+        if self.balancer is not None:
+            stages.append(self.balancer)
+        stages.append(self.limiter)
+        return stages
+
+    def _passthrough_stages(self) -> list[Stage]:
+        """The pipeline for routes no guardrail reads: artifacts, replica, limit."""
+        stages: list[Stage] = [self._artifact_stage]
         if self.balancer is not None:
             stages.append(self.balancer)
         stages.append(self.limiter)
@@ -565,7 +573,7 @@ class Sidecar:
         self.cache_stage.max_body_bytes = new.limits.max_body_bytes
         self.environment.set_output_fields(_output_fields(new))
         self.manifest = new
-        self.proxy.set_stages(self._stages())
+        self.proxy.set_stages(self._stages(), self._passthrough_stages())
 
     # -- per-request accounting -----------------------------------------------
 
@@ -583,21 +591,27 @@ class Sidecar:
             )
         if not log.access.isEnabledFor(logging.INFO):
             return
-        log.access.info(
-            "http.request",
-            extra={
-                "method": ex.request.method,
-                "route": route,
-                "status": ex.status,
-                "duration_ms": round(duration_s * 1000, 3),
-                "cache": ex.cache,
-                "reason": ex.cache_reason,
-                "coalesced": ex.coalesced,
-                "upstream_ms": None if ex.upstream_s is None else round(ex.upstream_s * 1000, 3),
-                "bytes": ex.bytes_out,
-                **({"cut": True} if ex.cut else {}),
-            },
-        )
+        # Fields that say nothing for this request (no cache decision, no
+        # upstream call, no singleflight role) are left out: shorter lines,
+        # and a cheaper one on the path of every request.
+        fields: dict[str, Any] = {
+            "method": ex.request.method,
+            "route": route,
+            "status": ex.status,
+            "duration_ms": round(duration_s * 1000, 3),
+            "bytes": ex.bytes_out,
+        }
+        if ex.cache != "none":
+            fields["cache"] = ex.cache
+            if ex.cache_reason is not None:
+                fields["reason"] = ex.cache_reason
+        if ex.upstream_s is not None:
+            fields["upstream_ms"] = round(ex.upstream_s * 1000, 3)
+        if ex.coalesced != "none":
+            fields["coalesced"] = ex.coalesced
+        if ex.cut:
+            fields["cut"] = True
+        log.access.info("http.request", extra=fields)
 
     # -- admin handlers -------------------------------------------------------
 

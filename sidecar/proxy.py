@@ -288,6 +288,7 @@ class Proxy:
         self.max_header_bytes = max_header_bytes
         self._observe = observe
         self._chain = self._build_chain(stages)
+        self._passthrough_chain = self._chain
         self.draining = False
         self.ending_streams = False
         self.in_flight = 0
@@ -304,8 +305,14 @@ class Proxy:
             chain = _bind(stage, chain)
         return chain
 
-    def set_stages(self, stages: list[Stage]) -> None:
+    def set_stages(self, stages: list[Stage], passthrough: list[Stage] | None = None) -> None:
+        """Install the pipeline; ``passthrough`` is the shorter one for routes
+        no guardrail reads (kind passthrough, not coalesced), so plain
+        forwarding does not pay for stages that would only call ``next``."""
         self._chain = self._build_chain(stages)
+        self._passthrough_chain = (
+            self._chain if passthrough is None else self._build_chain(passthrough)
+        )
 
     def end_streams(self) -> None:
         """End every running stream cleanly (the drain's grace has run out)."""
@@ -341,7 +348,11 @@ class Proxy:
                 length = request.content_length
                 if length is not None and length <= _SMALL_BODY_BYTES:
                     ex.body = await request.read()
-            reply = await self._chain(ex)
+            route = ex.route
+            if route.kind == "passthrough" and not route.coalesce:
+                reply = await self._passthrough_chain(ex)
+            else:
+                reply = await self._chain(ex)
         except ClientRequestError as exc:
             return self._refuse(request, exc.code, exc.message)
         except OverloadedError as exc:

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import re
 import socket
 import time
 from collections.abc import AsyncIterator
@@ -66,13 +67,16 @@ Headers = list[tuple[bytes, bytes]]
 Body = bytes | AsyncIterator[bytes] | None
 
 
+_CONTROL: Final = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
 def _is_bad_header_value(value: bytes) -> bool:
     """True when a header value holds a control character (RFC 9110 section 5.5).
 
-    HTAB is allowed; CR, LF, NUL and the other controls are not, and aiohttp
-    raises (dropping the client connection) if asked to write one.
+    HTAB is allowed; CR, LF, NUL and the other controls are not: relayed,
+    they would split or corrupt the client's response head.
     """
-    return any((b < 0x20 and b != 0x09) or b == 0x7F for b in value)
+    return _CONTROL.search(value) is not None
 
 
 class _Connection(asyncio.Protocol):
