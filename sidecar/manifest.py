@@ -589,7 +589,7 @@ class UpstreamPolicy:
     )
     idle_timeout: float = field(default=60.0, metadata=_key(_Duration("1ms", "1d")))
     pool_size: int = field(default=64, metadata=_key(_Int(0, 10_000)))
-    pool_idle: float = field(default=30.0, metadata=_key(_Duration("0s", "1d")))
+    pool_idle: float = field(default=4.0, metadata=_key(_Duration("0s", "1d")))
     poll_interval: float = field(default=2.0, metadata=_key(_Duration("100ms", "1h")))
     health_interval: float = field(default=5.0, metadata=_key(_Duration("100ms", "1h")))
 

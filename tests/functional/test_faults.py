@@ -373,3 +373,52 @@ async def test_fault_malformed_request_gets_json_400(fake_upstream: FakeUpstream
     assert resp.status == 400
     assert _error(resp.body)["code"] == "bad_request"
     assert fake_upstream.calls == 0
+
+
+@pytest.mark.parametrize(("method", "retried"), [("GET", True), ("POST", False)])
+async def test_fault_stale_keepalive_retry_only_idempotent(make_sidecar: SidecarFactory, method: str, retried: bool) -> None:
+    """A reused connection that drops before replying is retried for GET, never for POST."""
+    seen: list[bytes] = []
+    dropped = False
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal dropped
+        served = 0
+        while True:
+            head = await read_request_head(reader)
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            if head.split(b" ")[1] == b"/x":
+                seen.append(head.split(b" ", 1)[0])
+                if served and not dropped:
+                    # The first /x on a connection that served before: the
+                    # request arrived, then the connection drops unanswered.
+                    dropped = True
+                    writer.transport.abort()
+                    return
+            served += 1
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    raw = await RawUpstream(script).start()
+    try:
+        sidecar = await make_sidecar(raw.url, FAST_TIMEOUTS)
+        statuses = []
+        async with aiohttp.ClientSession() as s:
+            for _ in range(3):
+                body = b"b" if method == "POST" else None
+                async with s.request(method, data_url(sidecar) + "/x", data=body) as resp:
+                    await resp.read()
+                    statuses.append(resp.status)
+        assert dropped
+        if retried:
+            assert statuses == [200, 200, 200]
+            assert len(seen) == 4
+        else:
+            assert sorted(statuses) == [200, 200, 502]
+            assert len(seen) == 3
+    finally:
+        await raw.close()
