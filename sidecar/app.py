@@ -583,6 +583,11 @@ class Sidecar:
             route, ex.status, ex.cache, duration_s, ex.upstream_s, _cache_outcome(ex)
         )
         self.routes_model.observe(route, ex.status, duration_s)
+        if ex.error is not None:
+            if ex.error in ("upstream_failed", "upstream_timeout", "cut"):
+                self.metrics.upstream_errors.inc({"route": route, "kind": ex.error})
+            elif ex.error not in ("overloaded", "draining"):
+                self.metrics.client_errors.inc({"reason": ex.error})
         shown = "coalesced" if ex.coalesced == "follower" else ex.cache
         if shown != "none":
             self.cache_model.record(

@@ -65,8 +65,9 @@ class Metrics:
         )
         self.upstream_errors = Counter(
             "sidecar_upstream_errors_total",
-            "Upstream calls that failed, by route and kind (connect, timeout,"
-            " protocol, bad_header).",
+            "Upstream calls that failed, by route and kind (upstream_failed:"
+            " refused, reset or invalid before a reply; upstream_timeout; cut:"
+            " the body broke off after the head was relayed).",
             registry=r,
         )
         self.cache_requests = Counter(
@@ -157,8 +158,10 @@ class Metrics:
         self.client_errors = Counter(
             "sidecar_client_errors_total",
             "Requests refused by the sidecar itself before reaching the upstream,"
-            " by reason (ambiguous_framing, payload_too_large, headers_too_large,"
-            " bad_request).",
+            " by reason (payload_too_large, headers_too_large, duplicate_keys,"
+            " ambiguous_framing as seen by the pipeline). Refusals by the HTTP"
+            " parser itself close the connection before a route is known and"
+            " are not counted here.",
             registry=r,
         )
         self.artifact_requests = Counter(

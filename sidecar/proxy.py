@@ -117,6 +117,9 @@ class Exchange:
     bytes_out: int = 0
     replica: str | None = None
     cut: bool = False
+    # Why the sidecar refused or failed the request, as an error code word
+    # (errors.ErrorCode.code, or "cut" for a body cut mid-way), for metrics.
+    error: str | None = None
     # Response header fields the stages add (X-Sidecar-Cache, Age, ...).
     extra_headers: dict[str, str] = field(default_factory=dict)
 
@@ -354,12 +357,15 @@ class Proxy:
             else:
                 reply = await self._chain(ex)
         except ClientRequestError as exc:
+            ex.error = exc.code.code
             return self._refuse(request, exc.code, exc.message)
         except OverloadedError as exc:
+            ex.error = exc.code.code
             return json_error(
                 exc.code, exc.message, Retry_After=str(max(1, round(exc.retry_after_s)))
             )
         except UpstreamError as exc:
+            ex.error = exc.code.code
             log.proxy.warning(
                 "proxy.upstream_failed",
                 extra={"route": ex.route.name, "error": exc.message, "code": exc.code.code},
@@ -458,6 +464,7 @@ class Proxy:
             if request.transport is not None:
                 request.transport.abort()
             ex.cut = True
+            ex.error = "cut"
             ex.cache_reason = ex.cache_reason or "upstream_error"
             return resp
         except BaseException:

@@ -75,6 +75,8 @@ async def test_fault_upstream_refused_gives_502(make_sidecar: SidecarFactory) ->
         err = _error(await resp.read())
     assert err["code"] == "upstream_failed"
     assert "cannot connect to the upstream" in err["message"]
+    text = sidecar.metrics.render(["text/plain"])[0].decode()
+    assert 'sidecar_upstream_errors_total{kind="upstream_failed",route="models"} 1' in text
     await _assert_nothing_left(sidecar)
 
 
@@ -339,6 +341,8 @@ async def test_fault_body_over_limit_gives_413(fake_upstream: FakeUpstream, make
     assert resp.status == 413
     assert _error(resp.body)["code"] == "payload_too_large"
     assert fake_upstream.calls == 0
+    text = sidecar.metrics.render(["text/plain"])[0].decode()
+    assert 'sidecar_client_errors_total{reason="payload_too_large"} 1' in text
 
 
 async def test_fault_chunked_body_over_limit_gives_413(fake_upstream: FakeUpstream, make_sidecar: SidecarFactory) -> None:
