@@ -141,7 +141,10 @@ def set_field(body: bytes, obj: dict[str, Any], name: str, value: Any) -> bytes 
         if type(current) is type(value) and current == value:
             return None
         obj[name] = value
-        return _dumps(obj)
+        new = _dumps(obj)
+        if new is None:
+            obj[name] = current  # the body stays as sent, so must its parse
+        return new
     obj[name] = value
     start = len(body) - len(body.lstrip(_JSON_SPACE))
     member = json.dumps(name).encode() + b":" + json.dumps(value).encode()
@@ -257,12 +260,14 @@ class PromptRewriter:
             )
             return
         ex.json = obj
+        ex.json_of = body
         wanted = wanted_field(self.mode, self.kind, obj, lambda: self.salt_for(ex))
         if wanted is None:
             return
         new = set_field(body, obj, *wanted)
         if new is not None:
             ex.body = new
+            ex.json_of = new
             log.proxy.debug(
                 "prompt.rewritten",
                 extra={"route": ex.route.name, "field": wanted[0], "bytes": len(new)},

@@ -91,8 +91,11 @@ class Exchange:
     # The body as it will be sent upstream, when a stage has read it (or it
     # was small enough to read whole); None means "stream the client's body".
     body: bytes | None = None
-    # The parsed JSON body, when a stage parsed it (cache, prompt rewrite).
+    # The parsed JSON body, when a stage parsed it (cache, prompt rewrite),
+    # and the exact body bytes it is the parse of: a later stage may reuse
+    # ``json`` only while ``json_of is body``.
     json: Any = None
+    json_of: bytes | None = None
     # The caller's scope (an HMAC of its credential), set by the cache stage.
     scope: str | None = None
     # The action key (sha256), set when the request is cacheable.

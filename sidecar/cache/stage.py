@@ -280,7 +280,11 @@ class CacheStage:
             self._bypass(ex, "payload_too_large")
             return None
         try:
-            ex.json = canonical.parse_body(raw)
+            if ex.json is None or ex.json_of is not raw:
+                # The rewrite stage's parse refuses duplicate keys and
+                # non-finite numbers, so its result can stand in for this one.
+                ex.json = canonical.parse_body(raw)
+                ex.json_of = raw
         except canonical.DuplicateKeyError as exc:
             raise ClientRequestError(
                 ErrorCode.DUPLICATE_KEYS,
