@@ -22,11 +22,16 @@ Invariants:
 - There is no total deadline: a live stream may run for hours, as long as no
   gap between chunks exceeds the idle timeout.
 - A request is retried once, on a fresh connection, only when a reused idle
-  connection failed before any response byte arrived, the body is
-  replayable (bytes, not a stream) and the method is idempotent: that is the
-  keep-alive race in which the upstream closed an idle connection just as
-  the request went out. ``upstream.pool_idle`` (4 s) stays under common
-  upstream keep-alive timeouts (llama-server's is 5 s) so the race is rare.
+  connection failed before any response byte arrived and the body is
+  replayable (bytes, not a stream): the keep-alive race in which the
+  upstream closed an idle connection just as the request went out, or a
+  replica that died while the connection sat idle (the fresh connect then
+  fails, which the balancer sees and routes around). POSTs are retried too,
+  against RFC 9110 section 9.2.2's advice: an inference request that reached
+  an upstream which then vanished without a byte is far more often unread
+  than half-done, and a repeat costs a generation, never a wrong answer.
+  ``upstream.pool_idle`` (4 s) stays under common upstream keep-alive
+  timeouts (llama-server's is 5 s), so the race itself is rare.
 
 Known limitations: plain ``http://`` only (no TLS; inference servers in a pod
 listen on loopback or the pod network); no HTTP/2; a response to ``HEAD`` is
@@ -64,11 +69,6 @@ LOW_WATER_BYTES: Final = 64 * 1024
 # A response head larger than this is refused (502): no legitimate inference
 # server sends one, and it bounds memory per connection.
 MAX_RESPONSE_HEAD_BYTES: Final = 64 * 1024
-
-# Only these are retried after a stale keep-alive connection fails: the
-# upstream may have read a POST before the connection dropped, and a second
-# generation is a cost the client did not ask for (RFC 9110 section 9.2.2).
-_IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 Headers = list[tuple[bytes, bytes]]
 Body = bytes | AsyncIterator[bytes] | None
@@ -542,7 +542,7 @@ class Upstream:
                 except UpstreamError:
                     conn.close()
                     stale = conn.reused and not conn.received_any
-                    if attempt == 1 and stale and replayable and method in _IDEMPOTENT:
+                    if attempt == 1 and stale and replayable:
                         log.upstream.debug(
                             "upstream.retry_stale_connection",
                             extra={"upstream": self.authority},
