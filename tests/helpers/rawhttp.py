@@ -31,7 +31,7 @@ class RawResponse:
         return [v for k, v in self.headers if k == name.lower()]
 
 
-async def exchange(port: int, raw: bytes, *, head: bool = False, timeout_s: float = 10.0) -> RawResponse:
+async def exchange(port: int, raw: bytes, *, timeout_s: float = 10.0) -> RawResponse:
     """Send ``raw`` bytes and parse exactly one response."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
@@ -42,8 +42,6 @@ async def exchange(port: int, raw: bytes, *, head: bool = False, timeout_s: floa
             # Tell h11 what request it is answering (for HEAD and framing).
             method = raw.split(b" ", 1)[0]
             conn.send(h11.Request(method=method, target="/", headers=[("Host", "x")]))
-            if method not in (b"GET", b"HEAD"):
-                pass
             status = 0
             headers: list[tuple[str, str]] = []
             body = bytearray()
