@@ -1,9 +1,12 @@
 """The running sidecar: both ports, their handlers, lifecycle and signals.
 
-Owns: building the data-port server and the admin Application from a
-manifest, binding them, readiness, reloading the manifest (SIGHUP and
+Owns: building every part from a manifest and wiring them together (the
+pipeline's stages in order, the read models and their producers, the
+artifact service), binding the data port (the lean server in sidecar/http/)
+and the admin port (aiohttp), readiness, reloading the manifest (SIGHUP and
 ``POST /admin/policy/reload``), and the drain on SIGTERM. Not here: what
-happens to a request (proxy.py), what the manifest means (manifest.py).
+happens to a request (proxy.py and the stages), what the manifest means
+(manifest.py).
 
 Lifecycle on SIGTERM (or ``Sidecar.drain()``):
 1. ``/readyz`` turns false at once, so the orchestrator stops routing here;
@@ -25,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import ipaddress
 import logging
 import os
 import signal
@@ -49,7 +51,7 @@ from sidecar.environment import Environment
 from sidecar.errors import ErrorCode, ManifestError, SidecarError, error_body
 from sidecar.http import HTTPServer
 from sidecar.limits import UpstreamLimiter
-from sidecar.manifest import Manifest, Router, load_manifest
+from sidecar.manifest import Manifest, Router, is_loopback, load_manifest, split_host_port
 from sidecar.metrics import Metrics
 from sidecar.prompt import PromptRewriter, TokenMeter, scopes_salt
 from sidecar.proxy import Exchange, Forwarder, Next, Proxy, Reply, Stage
@@ -63,21 +65,6 @@ _PROBE_HEADERS = [(b"User-Agent", b"sidecar-health/0.1")]
 
 class StartupError(SidecarError):
     """The sidecar cannot start with this configuration; the message says why."""
-
-
-def split_host_port(text: str) -> tuple[str, int]:
-    """``127.0.0.1:8090`` or ``[::1]:8090`` to (host, port)."""
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class Sidecar:
