@@ -94,8 +94,9 @@ def response_headers(raw: list[tuple[bytes, bytes]]) -> tuple[CIMultiDict[str], 
     """The upstream's header fields as the client should see them.
 
     Returns the headers and how many were dropped because their bytes are
-    not valid UTF-8 (aiohttp writes header values as UTF-8, so anything else
-    could not be relayed byte for byte).
+    not valid UTF-8. The fields are kept as text end to end (the cache
+    stores them, the read models and logs may show them), and text that is
+    not UTF-8 could not be written back byte for byte.
     """
     drop = _RESPONSE_DROP
     if any(name.lower() == b"connection" for name, _ in raw):
