@@ -43,6 +43,7 @@ from sidecar.artifacts import ArtifactCounters, ArtifactOptions, Artifacts
 from sidecar.artifacts.ingest import compile_pattern
 from sidecar.balance import Balancer
 from sidecar.cache.compress import Compressor
+from sidecar.cache.hits import QuickHits
 from sidecar.cache.stage import CacheStage
 from sidecar.cache.store import AsyncDiskStore, StoreError
 from sidecar.cache.tiers import TieredCache
@@ -108,6 +109,15 @@ class Sidecar:
             open_disk=self._open_disk if manifest.cache.disk.enabled else None,
             reopen_interval_s=manifest.fallbacks.reopen_interval,
         )
+        self.quick_hits = QuickHits(
+            self.cache.memory,
+            environment=self.environment,
+            credential_headers=manifest.scopes.credential_headers,
+            on_hits=self._observe_quick_hits,
+            max_entries=manifest.cache.memory.max_entries,
+            max_header_bytes=manifest.limits.max_header_bytes,
+        )
+        self.quick_hits.reset(_significant_headers(manifest))
         self.cache_stage = CacheStage(
             self.cache,
             scopes=self.scopes,
@@ -116,6 +126,7 @@ class Sidecar:
             max_entry_bytes=manifest.cache.max_entry_bytes,
             max_body_bytes=manifest.limits.max_body_bytes,
         )
+        self.cache_stage.hits = self.quick_hits
         c = manifest.coalescing
         self.coalescer = Coalescer(
             self.metrics,
@@ -373,7 +384,9 @@ class Sidecar:
             self.balancer.start()
         self._spawn(self._state_upkeep(), "state-upkeep")
         self._data_server = HTTPServer(
-            self.proxy.handle, max_header_bytes=m.limits.max_header_bytes
+            self.proxy.handle,
+            max_header_bytes=m.limits.max_header_bytes,
+            quick=self.quick_hits.answer,
         )
         admin_runner = web.AppRunner(self._admin_app(), shutdown_timeout=1.0,
                                      handler_cancellation=True)
@@ -447,6 +460,7 @@ class Sidecar:
         """Stop gracefully: see the module docstring for the steps."""
         self.draining = True
         self.proxy.draining = True
+        self.quick_hits.enabled = False
         listen = self.manifest.listen
         log.server.info(
             "sidecar.draining",
@@ -558,6 +572,9 @@ class Sidecar:
         )
         self.cache_stage.max_entry_bytes = new.cache.max_entry_bytes
         self.cache_stage.max_body_bytes = new.limits.max_body_bytes
+        self.quick_hits.max_entries = new.cache.memory.max_entries
+        self.quick_hits.max_header_bytes = new.limits.max_header_bytes
+        self.quick_hits.reset(_significant_headers(new))
         self.environment.set_output_fields(_output_fields(new))
         self.manifest = new
         self.proxy.set_stages(self._stages(), self._passthrough_stages())
@@ -603,7 +620,42 @@ class Sidecar:
             fields["coalesced"] = ex.coalesced
         if ex.cut:
             fields["cut"] = True
-        log.access.info("http.request", extra=fields)
+        log.access_line(fields)
+
+    def _observe_quick_hits(
+        self,
+        method: str,
+        route: str,
+        status: int,
+        durations_s: list[float],
+        sizes: list[int],
+        saved_s: float,
+    ) -> None:
+        """``_observe`` for memory hits the quick path answered (cache/hits.py).
+
+        The same counts, read-model updates and access lines as hits that
+        went through the pipeline, for a batch of one route and status.
+        """
+        n = len(durations_s)
+        size = sum(sizes)
+        hot = self.metrics.hot
+        hot.hits(route, status, durations_s)
+        hot.tier("memory", "hit", n)
+        hot.saved(route, saved_s, size)
+        self.routes_model.observe_many(route, status, durations_s)
+        self.cache_model.record(
+            "memory", route, "hit", latency_saved_s=saved_s, bytes_saved=size, count=n
+        )
+        if log.access.isEnabledFor(logging.INFO):
+            for duration_s, one in zip(durations_s, sizes, strict=True):
+                log.access_line({
+                    "method": method,
+                    "route": route,
+                    "status": status,
+                    "duration_ms": round(duration_s * 1000, 3),
+                    "bytes": one,
+                    "cache": "hit",
+                })
 
     # -- admin handlers -------------------------------------------------------
 
@@ -649,7 +701,7 @@ class Sidecar:
 
     async def _admin_cache_stats(self, request: web.Request) -> web.Response:
         stats = await self.cache.refresh_gauges()
-        return web.json_response(stats)
+        return web.json_response({**stats, "quick": self.quick_hits.stats()})
 
     async def _admin_cache_purge(self, request: web.Request) -> web.Response:
         """Purge everything, one route (``{"route": NAME}``) or one key (``{"key": HEX}``)."""
@@ -679,6 +731,9 @@ class Sidecar:
             return admin_error(ErrorCode.BAD_REQUEST, "key must be 64 hex digits, route a name")
         except StoreError as exc:
             return admin_error(ErrorCode.OVERLOADED, f"the disk tier refused the purge: {exc}")
+        # What was purged can no longer be a quick hit anyway; the rest is
+        # remembered again on its next hit.
+        self.quick_hits.clear()
         return web.json_response({"removed": removed})
 
     async def _admin_reload(self, request: web.Request) -> web.Response:
@@ -699,6 +754,13 @@ def admin_error(code: ErrorCode, message: str) -> web.Response:
 def _output_fields(manifest: Manifest) -> dict[str, Any]:
     """Manifest fields that change what the upstream answers (env signature)."""
     return {"prompt_cache": str(manifest.prompt_cache.mode), "kind": str(manifest.upstream.kind)}
+
+
+def _significant_headers(manifest: Manifest) -> set[str]:
+    """Every request field some route declares significant for its action key."""
+    return {
+        name for route in manifest.routes for name in route.cache.significant_headers
+    }
 
 
 def _cache_outcome(ex: Exchange) -> str | None:

@@ -241,6 +241,9 @@ class RequestMetrics:
         self._outcomes: dict[tuple[str, str], int] = {}
         self._durations: dict[tuple[str, str], _Series] = {}
         self._upstream: dict[str, _Series] = {}
+        self._tiers: dict[tuple[str, str], int] = {}
+        # route -> [latency saved (s), bytes saved]
+        self._saved: dict[str, list[float]] = {}
 
     def _observe(self, series: _Series, value: float) -> None:
         series.counts[bisect.bisect_left(self._bounds, value)] += 1
@@ -272,6 +275,38 @@ class RequestMetrics:
             okey = (route, outcome)
             self._outcomes[okey] = self._outcomes.get(okey, 0) + 1
 
+    def hits(self, route: str, code: int, durations_s: list[float]) -> None:
+        """``request`` for several cache hits of one route and status."""
+        n = len(durations_s)
+        key = (route, str(code))
+        self._requests[key] = self._requests.get(key, 0) + n
+        dkey = (route, "hit")
+        series = self._durations.get(dkey)
+        if series is None:
+            series = self._durations[dkey] = _Series(len(self._bounds))
+        counts = series.counts
+        bounds = self._bounds
+        for duration_s in durations_s:
+            counts[bisect.bisect_left(bounds, duration_s)] += 1
+        series.total += sum(durations_s)
+        series.n += n
+        okey = (route, "hit")
+        self._outcomes[okey] = self._outcomes.get(okey, 0) + n
+
+    def tier(self, tier: str, outcome: str, n: int = 1) -> None:
+        """Lookups in a cache tier (``sidecar_cache_tier_requests_total``)."""
+        key = (tier, outcome)
+        self._tiers[key] = self._tiers.get(key, 0) + n
+
+    def saved(self, route: str, latency_s: float, size: int) -> None:
+        """What one cache hit saved: upstream time and response bytes."""
+        totals = self._saved.get(route)
+        if totals is None:
+            self._saved[route] = [latency_s, size]
+        else:
+            totals[0] += latency_s
+            totals[1] += size
+
     def _histogram(self, series: _Series) -> _histogram.Histogram:
         h = _histogram.Histogram(*self._bounds)
         running = 0
@@ -295,3 +330,8 @@ class RequestMetrics:
             m.request_duration.set_value({"route": route, "cache": cache}, self._histogram(series))
         for route, series in self._upstream.items():
             m.upstream_duration.set_value({"route": route}, self._histogram(series))
+        for (tier, outcome), n in self._tiers.items():
+            m.cache_tier_requests.set({"tier": tier, "outcome": outcome}, n)
+        for route, (latency_s, size) in self._saved.items():
+            m.cache_latency_saved.set({"route": route}, latency_s)
+            m.cache_bytes_saved.set({"route": route}, int(size))

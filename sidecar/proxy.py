@@ -91,6 +91,9 @@ class Exchange:
     # The body as it will be sent upstream, when a stage has read it (or it
     # was small enough to read whole); None means "stream the client's body".
     body: bytes | None = None
+    # The body exactly as the client sent it, once read (rewrites change
+    # ``body``, never this).
+    client_body: bytes | None = None
     # The parsed JSON body, when a stage parsed it (cache, prompt rewrite),
     # and the exact body bytes it is the parse of: a later stage may reuse
     # ``json`` only while ``json_of is body``.
@@ -98,8 +101,10 @@ class Exchange:
     json_of: bytes | None = None
     # The caller's scope (an HMAC of its credential), set by the cache stage.
     scope: str | None = None
-    # The action key (sha256), set when the request is cacheable.
+    # The action key (sha256), set when the request is cacheable, and the
+    # environment signature it was computed under.
     action_key: bytes | None = None
+    signature: bytes | None = None
     # What the cache did (X-Sidecar-Cache) and, when not a hit, why.
     cache: str = "none"
     cache_reason: str | None = None
@@ -235,12 +240,12 @@ async def read_body(ex: Exchange, max_bytes: int) -> bytes:
         return ex.body
     request = ex.request
     if not request.body_exists:
-        ex.body = b""
+        ex.body = ex.client_body = b""
         return ex.body
     parts = []
     async for chunk in _stream_body(request, max_bytes):
         parts.append(chunk)
-    ex.body = b"".join(parts)
+    ex.body = ex.client_body = b"".join(parts)
     return ex.body
 
 
@@ -353,7 +358,7 @@ class Proxy:
                 await self._send_continue(request)
                 length = request.content_length
                 if length is not None and length <= _SMALL_BODY_BYTES:
-                    ex.body = await request.read()
+                    ex.body = ex.client_body = await request.read()
             route = ex.route
             if route.kind == "passthrough" and not route.coalesce:
                 reply = await self._passthrough_chain(ex)

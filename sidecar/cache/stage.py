@@ -34,6 +34,7 @@ from typing import Any, Final
 from multidict import CIMultiDict
 
 from sidecar import canonical, keys, log
+from sidecar.cache.hits import QuickHits
 from sidecar.cache.store import Entry
 from sidecar.cache.tiers import TieredCache
 from sidecar.environment import Environment
@@ -220,6 +221,8 @@ class CacheStage:
         self._clock = clock
         # Store writes in progress: strong references, or the loop may drop them.
         self._writes: set[asyncio.Task[bool]] = set()
+        # The data port's quick path, told of every key that hit or was stored.
+        self.hits: QuickHits | None = None
 
     # -- lookup -------------------------------------------------------------
 
@@ -258,6 +261,7 @@ class CacheStage:
             target=request.raw_path, canonical_body=canonical_body,
             environment=signature, significant=significant, scope=ex.scope,
         )
+        ex.signature = signature
         if decision.refresh:
             ex.cache = "miss"
             ex.cache_reason = "refresh"
@@ -266,6 +270,7 @@ class CacheStage:
             return await nxt(ex)
         found = await self.tiers.get(ex.action_key)
         if found is not None:
+            self._remember(ex)
             return self._hit(ex, *found)
         ex.cache = "miss"
         ex.extra_headers["X-Sidecar-Cache"] = "miss"
@@ -317,10 +322,21 @@ class CacheStage:
         served_s = time.perf_counter() - ex.started
         route = ex.route.name
         ex.saved_s = max(0.0, entry.upstream_duration_s - served_s)
-        self.metrics.cache_latency_saved.add({"route": route}, ex.saved_s)
-        self.metrics.cache_bytes_saved.add({"route": route}, entry.size)
+        self.metrics.hot.saved(route, ex.saved_s, entry.size)
         log.cache.debug("cache.hit", extra={"route": route, "tier": tier, "size_bytes": entry.size})
         return CachedReply(entry, {"X-Sidecar-Cache": "hit", "Age": str(age)})
+
+    def _remember(self, ex: Exchange) -> None:
+        """Tell the quick path this request's key (it hit, or is being stored)."""
+        hits = self.hits
+        if hits is None or ex.action_key is None or ex.signature is None:
+            return
+        body = ex.client_body
+        if body is None:
+            if ex.request.body_exists:
+                return  # a GET's body the key does not read; never remembered
+            body = b""
+        hits.remember(ex.request, body, ex.route.name, ex.action_key, ex.signature)
 
     # -- record -------------------------------------------------------------
 
@@ -357,6 +373,7 @@ class CacheStage:
             task = asyncio.get_running_loop().create_task(self.tiers.put(key, entry))
             self._writes.add(task)
             task.add_done_callback(self._writes.discard)
+            self._remember(ex)
 
         return _RecordingReply(reply, self.max_entry_bytes, on_end)
 

@@ -214,7 +214,7 @@ def _write_error(path: Path, exc: BaseException) -> StoreWriteError:
 # -- the stored entry ---------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Entry:
     """One stored answer: its metadata and its (uncompressed) body.
 

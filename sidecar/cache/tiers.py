@@ -57,7 +57,7 @@ class TieredCache:
     # -- lookups and writes -----------------------------------------------
 
     def _count(self, tier: str, outcome: str) -> None:
-        self.metrics.cache_tier_requests.inc({"tier": tier, "outcome": outcome})
+        self.metrics.hot.tier(tier, outcome)
 
     async def get(self, key: bytes) -> tuple[Entry, str] | None:
         """The entry for an action key and the tier it came from, or None."""

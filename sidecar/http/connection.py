@@ -25,6 +25,14 @@ Invariants:
   and discards input for ``LINGER_S`` first, so the client reads the answer
   instead of a reset.
 
+The server's quick handler (server.py), when there is one, is tried for
+each request at the head of the queue while no handler runs: from the read
+callback itself, and by the worker before it takes the next request. A
+request it answers never reaches the handler. Its answers are held back
+(``cork``) until the loop iteration's read callbacks have run; every other
+write, close or shutdown of the connection sends them first, and at most
+``CORK_BYTES`` are held before the rest waits for the worker.
+
 Known limitations: no timeout while a handler runs or a body uploads (a
 live stream may last hours); a client that half-closes its side is taken as
 gone, as aiohttp and nginx do; a request with ``Upgrade`` or ``CONNECT`` is
@@ -61,6 +69,9 @@ MAX_PIPELINED: Final = 8
 # How long to read and drop input after the last answer on a connection that
 # may have unread bytes, so closing does not reset the answer away.
 LINGER_S: Final = 2.0
+# Quick answers held back on one connection before the rest of its requests
+# wait for the worker (which sends the held ones first).
+CORK_BYTES: Final = 256 * 1024
 
 
 class Connection(asyncio.Protocol):
@@ -98,6 +109,9 @@ class Connection(asyncio.Protocol):
         self._lingering = False
         self._linger_timer: asyncio.TimerHandle | None = None
         self.lost = False
+        # Quick answers not yet written (see ``cork``), and their size.
+        self._corked: list[bytes] | None = None
+        self._corked_bytes = 0
 
     def __repr__(self) -> str:
         if self.lost:
@@ -126,6 +140,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self._corked = None
         self._server.connections.discard(self)
         if self._linger_timer is not None:
             self._linger_timer.cancel()
@@ -148,6 +163,10 @@ class Connection(asyncio.Protocol):
             return
         self._reader.feed(data)
         if self._active is None and self._pending and not self.lost:
+            if self._server.quick is not None:
+                self._answer_quick()
+                if not self._pending:
+                    return
             # Get the worker going: wake it, or start it for the first request.
             wakeup = self._wakeup
             if wakeup is not None:
@@ -205,6 +224,8 @@ class Connection(asyncio.Protocol):
         pending = self._pending
         try:
             while True:
+                if pending and server.quick is not None:
+                    self._answer_quick()
                 if not pending:
                     if not self._may_wait():
                         return
@@ -252,6 +273,72 @@ class Connection(asyncio.Protocol):
             # A fault of the server itself (handler faults are answered).
             log.server.error("server.connection_failed", exc_info=exc)
             self.abort()
+
+    def _answer_quick(self) -> None:
+        """Answer queued requests with the server's quick handler, in order.
+
+        Called only between handlers. Stops at the first request the quick
+        handler passes on (or whose body is still arriving), which then
+        goes to the worker, so answers keep the order of the requests. Not
+        while the client is slow to read (the worker waits for it) or a
+        close is pending (the slow path frames the last answer).
+        """
+        quick = self._server.quick
+        assert quick is not None
+        pending = self._pending
+        while (
+            pending
+            and not self.write_paused
+            and not self.closing
+            and self._corked_bytes < CORK_BYTES
+        ):
+            request = pending[0]
+            if type(request) is not Request or not request.content.complete:
+                return
+            transport = self.transport
+            if self.lost or transport is None or transport.is_closing():
+                return
+            try:
+                answer = quick(request)
+            except Exception as exc:
+                # A fault of the quick handler: the full handler still answers.
+                log.server.error("server.quick_handler_failed", exc_info=exc)
+                return
+            if answer is None:
+                return
+            pending.popleft()
+            self.cork(answer)
+            if request.content is not EMPTY_BODY:
+                request.content.discard()
+            if self._reading_paused:
+                self._update_reading()
+            self.idle_since = self.loop.time()
+
+    def cork(self, data: bytes) -> None:
+        """Hold ``data`` back until the server sends what its connections hold.
+
+        Held answers go out before anything else this connection writes
+        (``uncork`` is called first by every write, close and shutdown), so
+        the order of the bytes on the connection never changes.
+        """
+        if self._corked is None:
+            self._corked = [data]
+            self._server.corked(self)
+        else:
+            self._corked.append(data)
+        self._corked_bytes += len(data)
+
+    def uncork(self) -> None:
+        """Write the held answers now."""
+        corked = self._corked
+        if corked is None:
+            return
+        self._corked = None
+        self._corked_bytes = 0
+        transport = self.transport
+        if self.lost or transport is None or transport.is_closing():
+            return
+        transport.write(corked[0] if len(corked) == 1 else b"".join(corked))
 
     def _may_wait(self) -> bool:
         """Nothing queued: True to wait for a request, False (closing) if done."""
@@ -340,6 +427,8 @@ class Connection(asyncio.Protocol):
         status: int | None = None,
         head_only: bool,
     ) -> None:
+        if self._corked is not None:
+            self.uncork()
         transport = self.transport
         if self.lost or transport is None or transport.is_closing():
             return
@@ -352,6 +441,9 @@ class Connection(asyncio.Protocol):
 
     @property
     def open_transport(self) -> asyncio.Transport | None:
+        """The transport for direct use (sendfile, abort): held answers sent first."""
+        if self._corked is not None:
+            self.uncork()
         return None if self.lost else self.transport
 
     def check_open(self) -> None:
@@ -360,6 +452,8 @@ class Connection(asyncio.Protocol):
             raise ConnectionResetError("the client connection is closed")
 
     def write(self, data: bytes) -> None:
+        if self._corked is not None:
+            self.uncork()
         transport = self.transport
         if self.lost or transport is None or transport.is_closing():
             raise ConnectionResetError("the client connection is closed")
@@ -397,6 +491,8 @@ class Connection(asyncio.Protocol):
     def _shutdown(self) -> None:
         """Close once the answer is flushed, lingering if input may be unread."""
         self._no_more = True
+        if self._corked is not None:
+            self.uncork()
         transport = self.transport
         if self.lost or transport is None or transport.is_closing() or self._lingering:
             return
@@ -422,6 +518,8 @@ class Connection(asyncio.Protocol):
         """Close now if between requests, else after the current response."""
         self.closing = True
         if self._active is None and not self._pending and self.transport is not None:
+            if self._corked is not None:
+                self.uncork()
             self.transport.close()
 
     def close_now(self) -> None:
@@ -430,9 +528,12 @@ class Connection(asyncio.Protocol):
         self._no_more = True
         self._stop_worker()
         if self.transport is not None:
+            if self._corked is not None:
+                self.uncork()
             self.transport.close()
 
     def abort(self) -> None:
         self._no_more = True
+        self._corked = None  # a reset loses unsent bytes anyway
         if self.transport is not None:
             self.transport.abort()

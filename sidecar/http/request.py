@@ -104,6 +104,24 @@ class Body:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
+    def whole(self) -> bytes | None:
+        """The body in one piece once all of it has arrived, else None.
+
+        Reads nothing: the chunks stay buffered (joined into one) for the
+        handler. None too once a reader has taken part of the body.
+        """
+        if not self.complete or self._error is not None:
+            return None
+        chunks = self._chunks
+        if len(chunks) != 1:
+            if not chunks:
+                return b"" if self.received == 0 else None
+            joined = b"".join(chunks)
+            chunks.clear()
+            chunks.append(joined)
+        body = chunks[0]
+        return body if len(body) == self.received else None
+
     # -- the handler's side --------------------------------------------------
 
     def at_eof(self) -> bool:

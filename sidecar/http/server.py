@@ -6,6 +6,20 @@ longer than ``keepalive_timeout_s`` and carries the steps a drain needs
 (stop accepting, close idle connections, close everything). Not here: what
 happens on a connection (connection.py).
 
+Two handlers: ``handler``, a coroutine function called once per request,
+and an optional ``quick`` one, a plain function tried first for a request
+that has fully arrived when its turn comes. ``quick`` returns the whole
+response as bytes (status line, fields, body; framed for a connection that
+stays open) or None to leave the request to ``handler``. It exists for
+answers that are ready in memory (cache hits): answering those from the
+read callback costs no task wake-up, no coroutine and no response object,
+which is most of what a small answer costs here. Quick answers are held
+back ("corked") until the read callbacks of the loop iteration have run,
+then sent together: one burst of writes wakes the client's side once, not
+once per answer, and on the two-core bench machine that alone took a third
+off a hit's CPU time (a connection's held answers always leave before
+anything else it writes, so order is kept).
+
 Invariants: ``connections`` holds exactly the open connections (added when
 made, removed when lost); ``in_flight`` counts handlers running right now.
 The idle sweep runs every ``min(1 s, timeout / 4)``, so an idle connection
@@ -27,6 +41,8 @@ from sidecar.http.request import Request
 from sidecar.http.response import StreamResponse
 
 Handler = Callable[[Request], Awaitable[StreamResponse]]
+# Returns the complete response bytes, or None to pass the request on.
+QuickHandler = Callable[[Request], "bytes | None"]
 
 # Listen backlog, as aiohttp's. asyncio accepts up to this many connections
 # in one loop turn, so a larger value lets a burst of new connections hold
@@ -49,8 +65,10 @@ class HTTPServer:
         max_headers: int = 512,
         keepalive_timeout_s: float = 75.0,
         max_target_bytes: int | None = None,
+        quick: QuickHandler | None = None,
     ) -> None:
         self.handler = handler
+        self.quick = quick
         # Header section budget: names, values and 4 bytes of framing each.
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
@@ -63,6 +81,9 @@ class HTTPServer:
         # Written by the connections: handlers running now, open connections.
         self.in_flight = 0
         self.connections: set[Connection] = set()
+        # Connections holding quick answers to send once this loop iteration's
+        # callbacks have run (see Connection.cork).
+        self._corked: list[Connection] = []
         self._servers: list[asyncio.AbstractServer] = []
         self._sweep_timer: asyncio.TimerHandle | None = None
 
@@ -71,6 +92,17 @@ class HTTPServer:
             f"<HTTPServer listeners={len(self._servers)}"
             f" connections={len(self.connections)} in_flight={self.in_flight}>"
         )
+
+    def corked(self, conn: Connection) -> None:
+        """``conn`` holds answers to send: send them later in this iteration."""
+        if not self._corked:
+            conn.loop.call_soon(self._uncork_all)
+        self._corked.append(conn)
+
+    def _uncork_all(self) -> None:
+        corked, self._corked = self._corked, []
+        for conn in corked:
+            conn.uncork()
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         """Listen on ``host:port`` (0 picks a free port); returns the bound address."""

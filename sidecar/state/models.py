@@ -98,15 +98,20 @@ class CacheModel:
         outcome: str,
         latency_saved_s: float = 0.0,
         bytes_saved: int = 0,
+        count: int = 1,
     ) -> None:
-        """Count one request's final cache outcome (``hit``, ``miss``, ...)."""
+        """Count requests' final cache outcome (``hit``, ``miss``, ...).
+
+        ``count`` requests of one route, tier and outcome at once, with
+        their savings summed.
+        """
         field = _OUTCOME_FIELDS[outcome]  # KeyError: a producer bug, fail loudly
         counters = self._routes.get(route)
         if counters is None:
             counters = self._routes[route] = _new_counters()
-        self._count(counters, field, latency_saved_s, bytes_saved)
+        self._count(counters, field, latency_saved_s, bytes_saved, count)
         if tier is not None:
-            self._count(self._tier(tier), field, latency_saved_s, bytes_saved)
+            self._count(self._tier(tier), field, latency_saved_s, bytes_saved, count)
         self.version += 1
 
     def record_tier(self, tier: str, outcome: str) -> None:
@@ -155,11 +160,15 @@ class CacheModel:
 
     @staticmethod
     def _count(
-        counters: dict[str, Any], field: str, latency_saved_s: float, bytes_saved: int
+        counters: dict[str, Any],
+        field: str,
+        latency_saved_s: float,
+        bytes_saved: int,
+        count: int = 1,
     ) -> None:
-        counters[field] += 1
+        counters[field] += count
         if field != "bypasses":
-            counters["lookups"] += 1
+            counters["lookups"] += count
         counters["latency_saved_s"] += latency_saved_s
         counters["bytes_saved"] += bytes_saved
 

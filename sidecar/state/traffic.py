@@ -103,6 +103,24 @@ class RoutesModel:
             stats.ewma_s += EWMA_ALPHA * (duration_s - stats.ewma_s)
         self.version += 1
 
+    def observe_many(self, route: str, status: int, durations_s: list[float]) -> None:
+        """``observe`` for several requests of one route and status, in order."""
+        if not durations_s:
+            return
+        stats = self._stats(route)
+        n = len(durations_s)
+        stats.requests += n
+        if status >= 500 or status == 0:
+            stats.errors += n
+        code = _status_class(status)
+        stats.codes[code] = stats.codes.get(code, 0) + n
+        stats.recent_s.extend(durations_s)
+        ewma = stats.ewma_s
+        for duration_s in durations_s:
+            ewma = duration_s if ewma is None else ewma + EWMA_ALPHA * (duration_s - ewma)
+        stats.ewma_s = ewma
+        self.version += 1
+
     def add_prompt_tokens(self, route: str, reused: int, evaluated: int) -> None:
         """Prompt tokens the upstream reused from its cache and evaluated anew."""
         stats = self._stats(route)
