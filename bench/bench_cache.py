@@ -6,7 +6,7 @@ two legs in front of the same cheap upstream (an nginx origin answering
 ``/v1/models`` and ``/props`` with small identity documents):
 
 - ``nginx``: nginx as a caching reverse proxy (``proxy_cache`` keyed on the
-  URI and the request body, POST cached, one worker);
+  URI and the request body, POST cached, one worker, a buffered access log);
 - ``sidecar``: ``python -m sidecar serve`` with the default manifest, which
   caches temperature-0 chat requests (or ``--sidecar-cmd``).
 
@@ -71,7 +71,10 @@ from typing import Any, Final, Literal
 
 from bench import rig
 from sidecar import canonical, keys
+from sidecar.cache.hits import QuickHits
+from sidecar.cache.store import Entry
 from sidecar.cache.tinylfu import WTinyLFU
+from sidecar.http import HttpVersion11, Request
 from sidecar.scope import Scopes
 
 LEGS: Final = ("nginx", "sidecar")
@@ -155,6 +158,8 @@ class Point:
 
     wrk: rig.WrkResult
     upstream_calls: int
+    # CPU seconds the leg's processes used during the run.
+    cpu_s: float
 
 
 @dataclass
@@ -210,6 +215,10 @@ def _return_location(match: str, body: str) -> str:
 def cache_proxy_config(prefix: Path, port: int, upstream_port: int) -> str:
     """nginx as a caching reverse proxy keyed on the URI and the request body.
 
+    It writes an access line per request, buffered, as the sidecar does by
+    default (its lines are batched per loop iteration), so both legs do the
+    same work per hit.
+
     ``$request_body`` is only set when the body sits in one memory buffer,
     hence the buffer size and ``client_body_in_single_buffer``; caching needs
     ``proxy_buffering on``. ``X-Cache-Status`` tells a hit from a miss.
@@ -225,6 +234,7 @@ def cache_proxy_config(prefix: Path, port: int, upstream_port: int) -> str:
         "    }\n"
         "    server {\n"
         f"        listen {rig.LOOPBACK}:{port};\n"
+        f'        access_log "{p}/access.log" combined buffer=64k flush=1s;\n'
         "        client_body_buffer_size 64k;\n"
         "        client_body_in_single_buffer on;\n"
         "        location / {\n"
@@ -497,6 +507,7 @@ def _run_point(
 ) -> None:
     """One wrk run; a leg whose run fails is dropped from ``legs``."""
     before = _origin_posts(access_log)
+    cpu_before = rig.cpu_seconds(legs[name].proc.pid)
     try:
         result = _run_wrk(
             legs[name].url + CHAT_PATH,
@@ -511,7 +522,8 @@ def _run_point(
     if warmup:
         return
     calls = _origin_posts(access_log) - before
-    found.http.setdefault((name, connections), []).append(Point(result, calls))
+    cpu_s = rig.cpu_seconds(legs[name].proc.pid) - cpu_before
+    found.http.setdefault((name, connections), []).append(Point(result, calls, cpu_s))
     _progress(
         f"http: {name:8} c={connections:<3} {rig.fmt_rate(result.requests_per_s):>9}"
         f" hits/s  p50 {rig.fmt_latency(result.p50_s)}"
@@ -532,7 +544,7 @@ def _http_records(found: Measurements) -> list[Record]:
             records.append(_http_record(name, connections, points))
     for record in records:
         nginx = _find(records, leg="nginx", concurrency=record["concurrency"])
-        for metric in ("requests_per_s", "p50_us", "p99_us"):
+        for metric in ("requests_per_s", "p50_us", "p99_us", "cpu_us_per_hit"):
             base = None if nginx is None else nginx[metric]
             record[f"{metric}_vs_nginx"] = rig.ratio(record[metric], base)
     return records
@@ -548,6 +560,7 @@ def _http_record(name: str, connections: int, points: Sequence[Point]) -> Record
         "requests_per_s": rig.median([r.requests_per_s for r in runs]),
         "p50_us": rig.median([r.p50_s * 1e6 for r in runs]),
         "p99_us": rig.median([r.p99_s * 1e6 for r in runs]),
+        "cpu_us_per_hit": rig.median([_cpu_per_hit(p) for p in points]),
         "requests": sum(r.requests for r in runs),
         "errors": sum(r.errors for r in runs),
         "upstream_calls": sum(p.upstream_calls for p in points),
@@ -558,10 +571,15 @@ def _http_record(name: str, connections: int, points: Sequence[Point]) -> Record
                 "p99_us": p.wrk.p99_s * 1e6,
                 "errors": p.wrk.errors,
                 "upstream_calls": p.upstream_calls,
+                "cpu_us_per_hit": _cpu_per_hit(p),
             }
             for p in points
         ],
     }
+
+
+def _cpu_per_hit(point: Point) -> float:
+    return point.cpu_s / max(1, point.wrk.requests) * 1e6
 
 
 def _find(records: Sequence[Record], **match: Any) -> Record | None:
@@ -616,16 +634,64 @@ def lookup_steps() -> list[tuple[str, Callable[[], object]]]:
         ("action_key", lambda: key_of(canonical_body, "")),
         ("memory_get", lambda: memory.get(key)),
         ("lookup_path", whole),
+        ("quick_answer", _quick_answer(memory, key)),
     ]
 
 
-def _filled_memory(key: bytes) -> WTinyLFU[bytes]:
+class _QuietConnection:
+    """What a Request and its Body need of a connection, and nothing else."""
+
+    peer = "127.0.0.1"
+
+    def body_buffered(self, delta: int) -> None:
+        pass
+
+
+class _Signature:
+    signature = hashlib.sha256(MODELS_BODY.encode()).digest()
+
+
+def _quick_answer(memory: WTinyLFU[Entry], key: bytes) -> Callable[[], object]:
+    """The quick path's whole answer to a repeat (sidecar/cache/hits.py).
+
+    What the data port runs for every hit after the first: fingerprint,
+    memory-tier lookup, the rendered answer, the tally (folded each call
+    here, into a no-op). HTTP parsing and the socket write are not in it.
+    """
+    quick = QuickHits(
+        memory, environment=_Signature(), credential_headers=("authorization",),
+        on_hits=lambda *args: None, max_entries=LOOKUP_FILL, max_header_bytes=65536,
+    )
+    conn: Any = _QuietConnection()
+    request = Request(
+        conn, "POST", CHAT_PATH, HttpVersion11,
+        ((b"Host", b"sidecar"), (b"Content-Type", b"application/json")),
+        len(REQUEST_BODY), False, True,
+    )
+    request.content.feed(REQUEST_BODY)
+    request.content.feed_eof()
+    quick.remember(request, REQUEST_BODY, "chat", key, _Signature.signature)
+
+    def answer() -> object:
+        found = quick.answer(request)
+        quick.fold()
+        return found
+
+    if answer() is None:
+        raise rig.RigError("the quick path missed its own entry")
+    return answer
+
+
+def _filled_memory(key: bytes) -> WTinyLFU[Entry]:
     """A memory tier holding ``key`` among ``LOOKUP_FILL`` other entries."""
-    value = COMPLETION_BODY.encode()
-    memory: WTinyLFU[bytes] = WTinyLFU(10_000, 256 * 1024 * 1024)
+    value = Entry.create(
+        COMPLETION_BODY.encode(), headers=(("Content-Type", "application/json"),),
+        created=time.time(), ttl_s=3600.0, route="chat",
+    )
+    memory: WTinyLFU[Entry] = WTinyLFU(10_000, 256 * 1024 * 1024)
     for n in range(LOOKUP_FILL):
-        memory.put(hashlib.sha256(b"fill-%d" % n).digest(), value, weight=len(value))
-    memory.put(key, value, weight=len(value))
+        memory.put(hashlib.sha256(b"fill-%d" % n).digest(), value, weight=value.size)
+    memory.put(key, value, weight=value.size)
     # A few hits move it from the window into the main region, as a key
     # that is asked for again and again would be.
     for _ in range(3):
@@ -733,11 +799,13 @@ HTTP_COLUMNS: Final[Sequence[rig.Column]] = (
     ("hits/s", "requests_per_s", rig.fmt_rate),
     ("p50", "p50_us", rig.fmt_us),
     ("p99", "p99_us", rig.fmt_us),
+    ("CPU/hit", "cpu_us_per_hit", rig.fmt_us),
     ("errors", "errors", rig.fmt_plain),
     ("past cache", "upstream_calls", rig.fmt_plain),
     ("hits/s vs nginx", "requests_per_s_vs_nginx", rig.fmt_ratio),
     ("p50 vs nginx", "p50_us_vs_nginx", rig.fmt_ratio),
     ("p99 vs nginx", "p99_us_vs_nginx", rig.fmt_ratio),
+    ("CPU/hit vs nginx", "cpu_us_per_hit_vs_nginx", rig.fmt_ratio),
 )
 LOOKUP_COLUMNS: Final[Sequence[rig.Column]] = (
     ("step", "step", rig.fmt_plain),
@@ -793,7 +861,9 @@ def _print_report(
     print(rig.format_records(http, HTTP_COLUMNS))
     print(
         "(past cache: POSTs the origin answered during the measured runs;"
-        " 0 means every request was a hit)"
+        " 0 means every request was a hit. CPU/hit: user and system CPU of the"
+        " leg's processes per hit; time other tenants of the machine take is"
+        " not in it, so it moves less with their load than hits/s does)"
     )
     print("\nthe sidecar's lookup path in-process, no HTTP (median of batches)")
     print(rig.format_records(lookup, LOOKUP_COLUMNS))

@@ -24,6 +24,9 @@ scope
     who may receive a stored result: ``shared``, ``tenant`` or ``none``.
 manifest
     the YAML policy file under ``policies/`` (``Manifest``, ``load_manifest``).
+quick path, fingerprint
+    the data port answering a repeated memory hit before the pipeline runs
+    (``cache/hits.py``), and the keyed hash of a request it recognises it by.
 leader, follower
     the singleflight roles of coalesced requests.
 window, probation, protected, admission

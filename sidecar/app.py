@@ -647,15 +647,17 @@ class Sidecar:
             "memory", route, "hit", latency_saved_s=saved_s, bytes_saved=size, count=n
         )
         if log.access.isEnabledFor(logging.INFO):
-            for duration_s, one in zip(durations_s, sizes, strict=True):
-                log.access_line({
+            log.access_lines(
+                {
                     "method": method,
                     "route": route,
                     "status": status,
                     "duration_ms": round(duration_s * 1000, 3),
                     "bytes": one,
                     "cache": "hit",
-                })
+                }
+                for duration_s, one in zip(durations_s, sizes, strict=True)
+            )
 
     # -- admin handlers -------------------------------------------------------
 

@@ -225,17 +225,25 @@ def access_line(fields: dict[str, Any], event: str = "http.request") -> None:
     without building a LogRecord or walking the handler chain, which was
     most of an access line's cost. Otherwise it goes through ``logging``.
     """
+    access_lines((fields,), event)
+
+
+def access_lines(rows: Iterable[dict[str, Any]], event: str = "http.request") -> None:
+    """``access_line`` for several requests, in order, checking the route once."""
     if not access.isEnabledFor(logging.INFO):
         return
     handler = _direct
     if handler is None or not _direct_route(handler):
-        access.info(event, extra=fields)
+        for fields in rows:
+            access.info(event, extra=fields)
         return
     formatter = handler.formatter
     assert isinstance(formatter, (TextFormatter, JsonFormatter))
-    handler.emit_line(
-        formatter.format_event(time.time(), "INFO", access.name, event, fields.items())
-    )
+    now = time.time()
+    name = access.name
+    emit = handler.emit_line
+    for fields in rows:
+        emit(formatter.format_event(now, "INFO", name, event, fields.items()))
 
 
 def _direct_route(handler: BatchingStreamHandler) -> bool:

@@ -58,13 +58,12 @@ import time
 import weakref
 from collections.abc import Callable, Iterable
 from hashlib import blake2b
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from multidict import CIMultiDict
 
 from sidecar.cache.store import Entry
 from sidecar.cache.tinylfu import WTinyLFU
-from sidecar.environment import Environment
 from sidecar.http import HttpVersion11, Request, http_date
 from sidecar.http.response import encode_head
 
@@ -99,6 +98,13 @@ class _Wire:
         self.dated = dated
 
 
+class Signed(Protocol):
+    """Where the current environment signature is read (environment.py)."""
+
+    @property
+    def signature(self) -> bytes | None: ...
+
+
 class _Tally:
     """Hits of one group since the last fold."""
 
@@ -115,7 +121,7 @@ class _Memo:
 
     __slots__ = ("key", "route", "target", "used", "wire")
 
-    def __init__(self, key: bytes, route: str, target: tuple[str, str]) -> None:
+    def __init__(self, key: bytes, route: str, target: str) -> None:
         self.key = key
         self.route = route
         self.target = target
@@ -130,7 +136,7 @@ class QuickHits:
         self,
         memory: WTinyLFU[Entry],
         *,
-        environment: Environment,
+        environment: Signed,
         credential_headers: Iterable[str],
         on_hits: OnHits,
         max_entries: int,
@@ -154,9 +160,9 @@ class QuickHits:
         # The signature the remembered keys were computed under.
         self._signature: bytes | None = None
         self._memo: dict[bytes, _Memo] = {}
-        # (method, target) -> remembered fingerprints with it: a request to
-        # any other target is passed on before it is fingerprinted.
-        self._targets: dict[tuple[str, str], int] = {}
+        # target -> remembered fingerprints with it: a request to any other
+        # target is passed on before it is fingerprinted.
+        self._targets: dict[str, int] = {}
         # Request header fields the fingerprint reads, by lower-case name,
         # and the lengths of those names (a cheap test that skips the rest).
         self._watched: dict[bytes, int] = {}
@@ -204,7 +210,7 @@ class QuickHits:
             self._forget(fp, memo)
         if len(self._memo) >= self.max_entries:
             self._evict()
-        target = (request.method, request.raw_path)
+        target = request.raw_path
         self._memo[fp] = _Memo(key, route, target)
         self._targets[target] = self._targets.get(target, 0) + 1
 
@@ -214,13 +220,13 @@ class QuickHits:
         The credential is the first credential field with a value, as
         scope.Scopes takes it; significant fields go in as sent, in order.
         """
+        if request.field_bytes > self.max_header_bytes:
+            return None
         watched = self._watched
         sizes = self._sizes
-        head = 0
         found: dict[bytes, bytes] | None = None
         significant: list[bytes] | None = None
         for name, value in request.raw_headers:
-            head += len(name) + len(value) + 4
             if len(name) not in sizes:
                 continue
             lower = name.lower()
@@ -237,8 +243,6 @@ class QuickHits:
                 if significant is None:
                     significant = []
                 significant.append(b"%d,%d:%s%s" % (len(lower), len(value), lower, value))
-        if head > self.max_header_bytes:
-            return None
         credential = b""
         if found is not None:
             for name in self._credentials:
@@ -265,7 +269,7 @@ class QuickHits:
             not self.enabled
             or not request.keep_alive
             or request.version != HttpVersion11
-            or (request.method, request.raw_path) not in self._targets
+            or request.raw_path not in self._targets
         ):
             return None
         signature = self._environment.signature

@@ -4,7 +4,10 @@ Owns: the two pipeline stages of the action cache and the replay of hits.
 ``lookup`` decides cacheability (keys.py), computes the scope and the action
 key, and answers hits; ``record`` sits closer to the upstream (after the
 coalescer, so a flight is recorded once) and stores a reply only once it
-has ended validly. Not here: the tiers (tiers.py), key rules (keys.py).
+has ended validly. Every key that hits or is stored is also handed to the
+quick path (hits.py), which answers the next identical request from memory
+without these stages. Not here: the tiers (tiers.py), key rules (keys.py),
+the quick path itself.
 
 What is stored, and only that: a complete 2xx answer to exactly this request
 for exactly this caller, whose response does not say ``no-store`` or

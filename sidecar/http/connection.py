@@ -109,9 +109,11 @@ class Connection(asyncio.Protocol):
         self._lingering = False
         self._linger_timer: asyncio.TimerHandle | None = None
         self.lost = False
-        # Quick answers not yet written (see ``cork``), and their size.
+        # Quick answers not yet written (see ``cork``), and their size; the
+        # last request the quick handler passed on.
         self._corked: list[bytes] | None = None
         self._corked_bytes = 0
+        self._declined: Request | None = None
 
     def __repr__(self) -> str:
         if self.lost:
@@ -279,9 +281,10 @@ class Connection(asyncio.Protocol):
 
         Called only between handlers. Stops at the first request the quick
         handler passes on (or whose body is still arriving), which then
-        goes to the worker, so answers keep the order of the requests. Not
-        while the client is slow to read (the worker waits for it) or a
-        close is pending (the slow path frames the last answer).
+        goes to the worker, so answers keep the order of the requests; a
+        request passed on once is not offered again. Not while the client
+        is slow to read or a close is pending, nor for a request that asks
+        to close: the handler then answers, framing and pacing the answer.
         """
         quick = self._server.quick
         assert quick is not None
@@ -293,7 +296,12 @@ class Connection(asyncio.Protocol):
             and self._corked_bytes < CORK_BYTES
         ):
             request = pending[0]
-            if type(request) is not Request or not request.content.complete:
+            if (
+                type(request) is not Request
+                or request is self._declined
+                or not request.keep_alive
+                or not request.content.complete
+            ):
                 return
             transport = self.transport
             if self.lost or transport is None or transport.is_closing():
@@ -303,8 +311,10 @@ class Connection(asyncio.Protocol):
             except Exception as exc:
                 # A fault of the quick handler: the full handler still answers.
                 log.server.error("server.quick_handler_failed", exc_info=exc)
+                self._declined = request
                 return
             if answer is None:
+                self._declined = request
                 return
             pending.popleft()
             self.cork(answer)
@@ -472,7 +482,9 @@ class Connection(asyncio.Protocol):
 
     def body_buffered(self, delta: int) -> None:
         self._buffered += delta
-        self._update_reading()
+        # Only a crossing of the marks can change whether reading pauses.
+        if self._reading_paused or self._buffered > HIGH_WATER_BYTES:
+            self._update_reading()
 
     def _update_reading(self) -> None:
         transport = self.transport

@@ -270,7 +270,7 @@ class RequestReader:
         method = _METHODS.get(raw_method) or raw_method.decode("ascii")
         if self._upgrade or method == "CONNECT":
             keep_alive = False  # what follows the head is not HTTP/1.1
-        return Request(
+        request = Request(
             self._conn,
             method,
             self._url.decode("latin-1"),
@@ -280,6 +280,8 @@ class RequestReader:
             coding is not None,
             keep_alive,
         )
+        request.field_bytes = self._field_bytes
+        return request
 
     def _check_head_size(self, size: int) -> None:
         """Refuse a head that keeps growing without reporting its fields.

@@ -190,6 +190,9 @@ class Request:
     _headers: CIMultiDictProxy[str] | None = None
     _read_bytes: bytes | None = None
     _continue_sent = False
+    # Bytes of the header fields as counted against the head limit (name,
+    # ": ", value, CRLF each); set by the reader.
+    field_bytes = 0
 
     def __init__(
         self,
