@@ -647,15 +647,16 @@ class Sidecar:
             "memory", route, "hit", latency_saved_s=saved_s, bytes_saved=size, count=n
         )
         if log.access.isEnabledFor(logging.INFO):
+            # The fields and their order of the pipeline's line for a hit.
             log.access_lines(
-                {
-                    "method": method,
-                    "route": route,
-                    "status": status,
-                    "duration_ms": round(duration_s * 1000, 3),
-                    "bytes": one,
-                    "cache": "hit",
-                }
+                (
+                    ("method", method),
+                    ("route", route),
+                    ("status", status),
+                    ("duration_ms", round(duration_s * 1000, 3)),
+                    ("bytes", one),
+                    ("cache", "hit"),
+                )
                 for duration_s, one in zip(durations_s, sizes, strict=True)
             )
 

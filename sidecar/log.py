@@ -225,17 +225,22 @@ def access_line(fields: dict[str, Any], event: str = "http.request") -> None:
     without building a LogRecord or walking the handler chain, which was
     most of an access line's cost. Otherwise it goes through ``logging``.
     """
-    access_lines((fields,), event)
+    access_lines((fields.items(),), event)
 
 
-def access_lines(rows: Iterable[dict[str, Any]], event: str = "http.request") -> None:
-    """``access_line`` for several requests, in order, checking the route once."""
+def access_lines(
+    rows: Iterable[Iterable[tuple[str, Any]]], event: str = "http.request"
+) -> None:
+    """``access_line`` for several requests, in order, checking the route once.
+
+    Each row is one line's fields as ``(name, value)`` pairs, in order.
+    """
     if not access.isEnabledFor(logging.INFO):
         return
     handler = _direct
     if handler is None or not _direct_route(handler):
         for fields in rows:
-            access.info(event, extra=fields)
+            access.info(event, extra=dict(fields))
         return
     formatter = handler.formatter
     assert isinstance(formatter, (TextFormatter, JsonFormatter))
@@ -243,7 +248,7 @@ def access_lines(rows: Iterable[dict[str, Any]], event: str = "http.request") ->
     name = access.name
     emit = handler.emit_line
     for fields in rows:
-        emit(formatter.format_event(now, "INFO", name, event, fields.items()))
+        emit(formatter.format_event(now, "INFO", name, event, fields))
 
 
 def _direct_route(handler: BatchingStreamHandler) -> bool:

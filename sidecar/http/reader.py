@@ -173,8 +173,10 @@ class RequestReader:
         self._quiet_bytes = 0  # now counted in _field_bytes
         # Counted as on the wire (name, ": ", value, CRLF), like the proxy's
         # own check; trailer fields count against the same budget.
-        self._field_bytes += len(name) + len(value) + 4
-        if self._field_bytes > self._max_header_bytes:
+        size = len(name)
+        total = self._field_bytes + size + len(value) + 4
+        self._field_bytes = total
+        if total > self._max_header_bytes:
             self._stop(
                 ErrorCode.HEADERS_TOO_LARGE,
                 f"request header fields exceed the {self._max_header_bytes}-byte"
@@ -183,13 +185,13 @@ class RequestReader:
         if not self.in_head:
             return  # a trailer field: counted, not kept
         fields = self._fields
-        if len(fields) >= self._max_headers:
+        fields.append((name, value))
+        if len(fields) > self._max_headers:
             self._stop(
                 ErrorCode.HEADERS_TOO_LARGE,
                 f"more than {self._max_headers} request header fields",
             )
-        fields.append((name, value))
-        if len(name) in _NOTED_NAME_SIZES:
+        if size in _NOTED_NAME_SIZES:
             self._note(name, value)
 
     def _note(self, name: bytes, value: bytes) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import re
 from typing import Any
 
@@ -309,3 +310,35 @@ async def test_quick_hit_stats_on_admin_port(cached: Sidecar) -> None:
         async with s.get(admin_url(cached) + "/admin/cache/stats") as resp:
             quick = (await resp.json())["quick"]
     assert quick["answered"] == 1 and quick["fingerprints"] == 1 and quick["enabled"]
+
+
+async def test_quick_hit_access_line_like_pipeline_hit(
+    cached: Sidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A quick hit's access line has the pipeline hit's fields, in order."""
+    caplog.set_level(logging.INFO, logger="sidecar.access")
+    async with aiohttp.ClientSession() as s:
+        await stored(cached, s)
+        caplog.clear()
+        cached.quick_hits.enabled = False
+        await post(s, data_url(cached) + CHAT, body())
+        cached.quick_hits.enabled = True
+        await post(s, data_url(cached) + CHAT, body())
+        async with asyncio.timeout(5):
+            while len([r for r in caplog.records if r.name == "sidecar.access"]) < 2:
+                await asyncio.sleep(0)
+    assert cached.quick_hits.answered == 1
+    slow, quick = (
+        {k: v for k, v in vars(r).items() if k in ACCESS_FIELDS}
+        for r in caplog.records
+        if r.name == "sidecar.access"
+    )
+    assert list(slow) == list(quick) == list(ACCESS_FIELDS)
+    slow.pop("duration_ms"), quick.pop("duration_ms")
+    assert slow == quick == {
+        "method": "POST", "route": "chat", "status": 200,
+        "bytes": slow["bytes"], "cache": "hit",
+    }
+
+
+ACCESS_FIELDS = ("method", "route", "status", "duration_ms", "bytes", "cache")
