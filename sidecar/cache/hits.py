@@ -46,8 +46,11 @@ comes takes the pipeline (the quick handler does not wait). A fingerprint
 whose entry has left the memory tier costs one memory-tier lookup before
 the pipeline looks again, and that lookup counts twice in the admission
 sketch. The access line of a quick hit has the same fields as the
-pipeline's; its duration is the time spent here, a few microseconds, not
-from the arrival of the request's first byte (neither path measures that).
+pipeline's; its duration is the time spent here (fingerprint, lookup,
+answer), a few microseconds, not from the arrival of the request's first
+byte (neither path measures that); the lines of one loop iteration's quick
+hits are written when it ends, so they may follow lines of requests that
+finished after them.
 """
 
 from __future__ import annotations
@@ -275,6 +278,7 @@ class QuickHits:
         signature = self._environment.signature
         if signature is None or signature != self._signature:
             return None
+        started = time.perf_counter()
         body = request.content.whole()
         if body is None:
             return None
@@ -284,7 +288,6 @@ class QuickHits:
         memo = self._memo.get(fp)
         if memo is None:
             return None
-        started = time.perf_counter()
         entry = self._memory.get(memo.key)
         now = self._clock()
         if entry is None or entry.created + entry.ttl_s < now:
