@@ -648,16 +648,13 @@ class Sidecar:
         )
         if log.access.isEnabledFor(logging.INFO):
             # The fields and their order of the pipeline's line for a hit.
-            log.access_lines(
-                (
-                    ("method", method),
-                    ("route", route),
-                    ("status", status),
-                    ("duration_ms", round(duration_s * 1000, 3)),
-                    ("bytes", one),
-                    ("cache", "hit"),
-                )
-                for duration_s, one in zip(durations_s, sizes, strict=True)
+            log.access_group(
+                (("method", method), ("route", route), ("status", status)),
+                [
+                    (("duration_ms", round(duration_s * 1000, 3)), ("bytes", one))
+                    for duration_s, one in zip(durations_s, sizes, strict=True)
+                ],
+                (("cache", "hit"),),
             )
 
     # -- admin handlers -------------------------------------------------------

@@ -21,7 +21,7 @@ import logging
 import re
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
 access = logging.getLogger("sidecar.access")
@@ -98,6 +98,29 @@ class TextFormatter(logging.Formatter):
         fields: Iterable[tuple[str, Any]],
     ) -> str:
         """The line of one event, from its parts (``format`` and ``access_line``)."""
+        return " ".join([self._start(created, level, logger, event), *self._rendered(fields)])
+
+    def format_group(
+        self,
+        created: float,
+        level: str,
+        logger: str,
+        event: str,
+        head: Sequence[tuple[str, Any]],
+        rows: Iterable[Sequence[tuple[str, Any]]],
+        tail: Sequence[tuple[str, Any]],
+    ) -> list[str]:
+        """``format_event`` of ``head + row + tail`` for each row, sharing the work.
+
+        The timestamp and the shared fields are rendered once for all rows.
+        """
+        start = " ".join([self._start(created, level, logger, event), *self._rendered(head)])
+        end = self._rendered(tail)
+        rendered = self._rendered
+        return [" ".join([start, *rendered(row), *end]) for row in rows]
+
+    def _start(self, created: float, level: str, logger: str, event: str) -> str:
+        """What every line begins with: time, level, logger and event."""
         second = int(created)
         if second != self._second:
             # One strftime a second, not one a line: the access log is on
@@ -106,7 +129,11 @@ class TextFormatter(logging.Formatter):
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         # The millisecond as LogRecord computes ``msecs``.
         msecs = int((created - second) * 1000)
-        parts = [f"{self._stamp}.{msecs:03d}Z {level} {logger} {event}"]
+        return f"{self._stamp}.{msecs:03d}Z {level} {logger} {event}"
+
+    def _rendered(self, fields: Iterable[tuple[str, Any]]) -> list[str]:
+        """``key=value`` for each field, in order."""
+        parts = []
         plain = _PLAIN_TYPES
         seen = self._pairs
         for k, v in fields:
@@ -125,7 +152,7 @@ class TextFormatter(logging.Formatter):
                 parts.append(pair)
                 continue
             parts.append(_pair(k, str(v)))
-        return " ".join(parts)
+        return parts
 
 
 def _pair(key: str, text: str) -> str:
@@ -157,6 +184,22 @@ class JsonFormatter(logging.Formatter):
         doc = self._doc(created, level, logger, event)
         doc.update(fields)
         return json.dumps(doc, default=str, separators=(",", ":"))
+
+    def format_group(
+        self,
+        created: float,
+        level: str,
+        logger: str,
+        event: str,
+        head: Sequence[tuple[str, Any]],
+        rows: Iterable[Sequence[tuple[str, Any]]],
+        tail: Sequence[tuple[str, Any]],
+    ) -> list[str]:
+        """``format_event`` of ``head + row + tail`` for each row."""
+        return [
+            self.format_event(created, level, logger, event, [*head, *row, *tail])
+            for row in rows
+        ]
 
     @staticmethod
     def _doc(created: float, level: str, logger: str, event: str) -> dict[str, Any]:
@@ -249,6 +292,33 @@ def access_lines(
     emit = handler.emit_line
     for fields in rows:
         emit(formatter.format_event(now, "INFO", name, event, fields))
+
+
+def access_group(
+    head: Sequence[tuple[str, Any]],
+    rows: Iterable[Sequence[tuple[str, Any]]],
+    tail: Sequence[tuple[str, Any]] = (),
+    event: str = "http.request",
+) -> None:
+    """``access_lines`` for rows that share their first and last fields.
+
+    Line ``i`` has the fields ``head + rows[i] + tail``; the shared parts
+    (and, in text, the timestamp) are formatted once for all of them.
+    """
+    if not access.isEnabledFor(logging.INFO):
+        return
+    handler = _direct
+    if handler is None or not _direct_route(handler):
+        for row in rows:
+            access.info(event, extra=dict([*head, *row, *tail]))
+        return
+    formatter = handler.formatter
+    assert isinstance(formatter, (TextFormatter, JsonFormatter))
+    emit = handler.emit_line
+    for line in formatter.format_group(
+        time.time(), "INFO", access.name, event, head, rows, tail
+    ):
+        emit(line)
 
 
 def _direct_route(handler: BatchingStreamHandler) -> bool:

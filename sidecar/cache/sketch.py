@@ -89,7 +89,11 @@ class FrequencySketch:
         self.resets = 0
 
     def increment(self, key_hash: int) -> None:
-        """Record one sighting of the key; may trigger a reset."""
+        """Record one sighting of the key; may trigger a reset.
+
+        One function on purpose: it runs on every cache lookup, and a call
+        costs as much here as a few of the lines below.
+        """
         h = key_hash & _MASK64
         h = ((h ^ (h >> 30)) * _MIX1) & _MASK64
         h = ((h ^ (h >> 27)) * _MIX2) & _MASK64
@@ -97,43 +101,39 @@ class FrequencySketch:
         bit = h >> self._door_shift
         door = self._door
         byte, flag = bit >> 3, 1 << (bit & 7)
-        if door[byte] & flag:
-            self._count(h)
-        else:
+        if not door[byte] & flag:
             door[byte] |= flag
+        else:
+            table = self._table
+            index = h & self._mask
+            word = table[index]
+            sel = (h >> 32) & 0xFF
+            # Group g's counter is nibble 4g + (two bits of sel), at bit
+            # offset 16g + 4 * (sel >> 2g & 3); the masks compute exactly that.
+            o0 = (sel & 3) << 2
+            o1 = 16 + (sel & 12)
+            o2 = 32 + ((sel >> 2) & 12)
+            o3 = 48 + ((sel >> 4) & 12)
+            c0 = (word >> o0) & 15
+            c1 = (word >> o1) & 15
+            c2 = (word >> o2) & 15
+            c3 = (word >> o3) & 15
+            low = min(c0, c1, c2, c3)
+            if low != _MAX_COUNT:
+                # Conservative update: raising only the minimal counters keeps
+                # the estimate exact for this key while adding less noise.
+                if c0 == low:
+                    word += 1 << o0
+                if c1 == low:
+                    word += 1 << o1
+                if c2 == low:
+                    word += 1 << o2
+                if c3 == low:
+                    word += 1 << o3
+                table[index] = word
         self.samples += 1
         if self.samples >= self.sample_limit:
             self.reset()
-
-    def _count(self, h: int) -> None:
-        table = self._table
-        index = h & self._mask
-        word = table[index]
-        sel = (h >> 32) & 0xFF
-        # Group g's counter is nibble 4g + (two bits of sel), at bit offset
-        # 16g + 4 * (sel >> 2g & 3); the masks below compute exactly that.
-        o0 = (sel & 3) << 2
-        o1 = 16 + (sel & 12)
-        o2 = 32 + ((sel >> 2) & 12)
-        o3 = 48 + ((sel >> 4) & 12)
-        c0 = (word >> o0) & 15
-        c1 = (word >> o1) & 15
-        c2 = (word >> o2) & 15
-        c3 = (word >> o3) & 15
-        low = min(c0, c1, c2, c3)
-        if low == _MAX_COUNT:
-            return
-        # Conservative update: raising only the minimal counters keeps the
-        # estimate exact for this key while adding less noise for others.
-        if c0 == low:
-            word += 1 << o0
-        if c1 == low:
-            word += 1 << o1
-        if c2 == low:
-            word += 1 << o2
-        if c3 == low:
-            word += 1 << o3
-        table[index] = word
 
     def frequency(self, key_hash: int) -> int:
         """The estimated sightings of the key since about one sample ago."""
