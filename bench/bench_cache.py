@@ -16,10 +16,16 @@ deterministic POST at concurrency 1 (hit latency p50/p99) and 64 (hits per
 second), the median over repeats, legs interleaved so drift on a shared
 machine hits both alike. The origin logs every POST it answers, so a
 measured run also counts the requests that got past the cache (0 when every
-request was a hit). Beside the HTTP figures it times, in this process and
-without HTTP, the steps of the sidecar's lookup path (strict parse, the
-determinism decision, RFC 8785 canonical form, scope HMAC, action key,
-memory-tier get) in microseconds per request: the floor under the HTTP hit.
+request was a hit). Every measured hit after the first is one the quick
+path answers (sidecar/cache/hits.py); the pipeline served the first. For
+each leg it also reports the CPU time its processes used per hit (user and
+system, children included): on a machine whose other tenants take CPU time
+away, hits per second swings with them and CPU per hit much less, so the
+ratio of CPU per hit is the steadier comparison. Beside the HTTP figures it
+times, in this process and without HTTP, the steps of the pipeline's lookup
+(strict parse, the determinism decision, RFC 8785 canonical form, scope
+HMAC, action key, memory-tier get) and the quick path's whole answer, in
+microseconds per request.
 
 It prints tables, PASS/FAIL lines for the targets, one JSON line per
 measurement (also written to ``--json FILE``) and a ``rerun with:`` line; the
@@ -33,9 +39,10 @@ started here is stopped by PID before exit, also on SIGTERM; every wait is
 bounded by a deadline; a leg that fails is reported and the other goes on.
 
 Known limitations: the machine is shared, so figures move with its load (the
-load average is recorded). The sidecar runs with the log level the
-environment gives it, and its access log line per request costs hits per
-second, so compare runs with the same ``SIDECAR_LOG_LEVEL``. The sidecar
+load average is recorded; time stolen by the hypervisor, 40-60% of a CPU in
+bad moments, shows as hits/s falling for both legs). The sidecar runs with
+the log level the environment gives it; at the default, both legs write an
+access line per hit, so compare runs with the same ``SIDECAR_LOG_LEVEL``. The sidecar
 polls the origin in the background (health, identity, state), a few requests
 every few seconds. nginx's cache is a file read through the page cache, the
 sidecar's an in-memory lookup; both serve the same bytes. wrk does not
@@ -43,7 +50,9 @@ correct for coordinated omission, and across two CPUs each request at
 concurrency 1 also waits for the other CPU to wake. The origin's log is read
 as soon as wrk exits, so a miss still in flight then goes uncounted. The
 in-process lookup steps restate ``CacheStage.lookup`` (sidecar/cache/
-stage.py) by hand; a new step there is missing here until added.
+stage.py) by hand; a new step there is missing here until added. CPU time is
+read from /proc in clock ticks (10 ms), so a run of a few seconds measures
+it to about 1%.
 """
 
 from __future__ import annotations

@@ -1,12 +1,16 @@
 """The benchmark rig's parsing and generated configs (``bench/rig.py``).
 
 Fast and offline: wrk reports are fixed text, nginx is only asked to check
-a config (``nginx -t``), and no benchmark is run.
+a config (``nginx -t``), CPU accounting is checked on short-lived local
+processes, and no benchmark is run.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -300,3 +304,44 @@ def test_rerun_line_repeats_the_arguments() -> None:
 
     assert line.startswith("rerun with: cd ")
     assert line.endswith("-m bench.bench_proxy --only direct,nginx --sidecar-cmd 'a b'")
+
+
+def test_rig_cpu_seconds_grows_with_work() -> None:
+    """cpu_seconds counts the CPU time a process spends, in clock ticks."""
+    before = rig.cpu_seconds(os.getpid())
+    deadline = time.process_time() + 0.1
+    while time.process_time() < deadline:
+        pass
+    assert rig.cpu_seconds(os.getpid()) - before >= 0.05
+
+
+def test_rig_cpu_seconds_of_a_child_includes_its_children() -> None:
+    """A parent that only waits is charged its child's CPU time."""
+    burn = "import time\nt = time.process_time() + 0.2\nwhile time.process_time() < t: pass\n"
+    parent = subprocess.Popen(
+        [sys.executable, "-c",
+         "import subprocess, sys\n"
+         f"child = subprocess.Popen([sys.executable, '-c', {burn!r}])\n"
+         "print(child.pid, flush=True)\nsys.stdin.read()\nchild.wait()\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert parent.stdout is not None
+        child_pid = int(parent.stdout.readline())
+        deadline = time.monotonic() + 10
+        while rig.cpu_seconds(parent.pid) < 0.1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rig.cpu_seconds(parent.pid) >= 0.1
+        assert rig.cpu_seconds(child_pid) <= rig.cpu_seconds(parent.pid)
+    finally:
+        assert parent.stdin is not None and parent.stdout is not None
+        parent.stdin.close()
+        parent.wait(timeout=10)
+        parent.stdout.close()
+
+
+def test_rig_cpu_seconds_of_a_gone_process_is_zero() -> None:
+    """A PID nothing runs under counts no CPU time."""
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait(timeout=10)
+    assert rig.cpu_seconds(finished.pid) == 0.0
