@@ -682,7 +682,7 @@ def _quick_answer(memory: WTinyLFU[Entry], key: bytes) -> Callable[[], object]:
     quick.remember(request, REQUEST_BODY, "chat", key, _Signature.signature)
 
     def answer() -> object:
-        found = quick.answer(request)
+        found = quick.answer(request, REQUEST_BODY)
         quick.fold()
         return found
 

@@ -21,6 +21,7 @@ import pytest
 
 from sidecar.http import HTTPServer, Request, Response, StreamResponse
 from sidecar.http.connection import CORK_BYTES, Connection
+from sidecar.http.reader import QUICK_BODY_BYTES
 from sidecar.http.request import EMPTY_BODY, Body
 from sidecar.http.server import QuickHandler
 from tests.test_httpserver import TIMEOUT_S, RawClient, error_of, raw_answers
@@ -39,7 +40,7 @@ def get(path: str) -> bytes:
     return b"GET %b HTTP/1.1\r\nHost: x\r\n\r\n" % path.encode()
 
 
-def quick_for_q(request: Request) -> bytes | None:
+def quick_for_q(request: Request, body: bytes) -> bytes | None:
     """Answers targets under /q with their own path; passes the rest on."""
     path = request.raw_path
     return framed(path.encode()) if path.startswith("/q") else None
@@ -101,7 +102,7 @@ async def test_quick_none_passes_the_request_to_the_handler(serve: Serve) -> Non
     calls: list[str] = []
     consulted: list[str] = []
 
-    def quick(request: Request) -> bytes | None:
+    def quick(request: Request, body: bytes) -> bytes | None:
         consulted.append(request.raw_path)
         return None
 
@@ -118,10 +119,10 @@ async def test_quick_raising_goes_to_the_handler_and_keeps_the_connection(
     """A raising quick handler is logged; the handler answers; the connection lives."""
     calls: list[str] = []
 
-    def quick(request: Request) -> bytes | None:
+    def quick(request: Request, body: bytes) -> bytes | None:
         if request.raw_path == "/boom":
             raise RuntimeError("quick handler fault")
-        return quick_for_q(request)
+        return quick_for_q(request, body)
 
     _, port = await serve(counting(calls), quick)
     client = await RawClient.open(port)
@@ -217,7 +218,7 @@ async def test_quick_answers_over_cork_bytes_all_arrive_in_order(
     def body_for(path: str) -> bytes:
         return path.encode()[-1:] * size
 
-    def quick(request: Request) -> bytes | None:
+    def quick(request: Request, body: bytes) -> bytes | None:
         return framed(body_for(request.raw_path))
 
     async def handler(request: Request) -> StreamResponse:
@@ -268,11 +269,8 @@ async def test_quick_body_in_two_writes_is_answered_whole(
     monkeypatch.setattr(Body, "feed", watch_feed)
     monkeypatch.setattr(Body, "feed_eof", watch_eof)
 
-    def quick(request: Request) -> bytes | None:
+    def quick(request: Request, body: bytes) -> bytes | None:
         tried_complete.append(request.content.complete)
-        body = request.content.whole()
-        if body is None:
-            return None
         seen.append(body)
         return framed(b"quick:" + body)
 
@@ -313,6 +311,57 @@ def _body(*chunks: bytes, complete: bool = True) -> tuple[Body, _FakeConn]:
     if complete:
         body.feed_eof()
     return body, conn
+
+
+@pytest.mark.parametrize("size", [10, 200 * 1024], ids=["held", "queued"])
+async def test_quick_gets_the_whole_body_small_or_large(serve: Serve, size: int) -> None:
+    """Held (small) or queued (over QUICK_BODY_BYTES): every byte, whoever answers.
+
+    A large body still arriving when the worker takes the request goes to
+    the handler; one that has arrived goes to the quick handler whole.
+    """
+    sent = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    seen: list[bytes] = []
+
+    def quick(request: Request, body: bytes) -> bytes | None:
+        seen.append(body)
+        return framed(b"%d" % len(body))
+
+    async def handler(request: Request) -> StreamResponse:
+        return Response(body=b"%d" % len(await request.read()))
+
+    _, port = await serve(handler, quick)
+    client = await RawClient.open(port)
+    await client.send(
+        b"POST /q HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%b" % (size, sent)
+    )
+    answer = await client.answer("POST")
+    client.close()
+    assert answer.body == b"%d" % size
+    assert seen in ([sent], [])
+    if size <= QUICK_BODY_BYTES:
+        assert seen == [sent]  # held: offered before it was ever queued
+
+
+async def test_quick_declined_small_request_reaches_the_handler_with_its_body(
+    serve: Serve,
+) -> None:
+    """A held request the quick handler passes on is queued with all of its body."""
+    def quick(request: Request, body: bytes) -> bytes | None:
+        return None
+
+    async def echo(request: Request) -> StreamResponse:
+        return Response(body=b"handler:" + await request.read())
+
+    _, port = await serve(echo, quick)
+    client = await RawClient.open(port)
+    await client.send(
+        b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello" + get("/p2")
+    )
+    first = await client.answer("POST")
+    second = await client.answer()
+    client.close()
+    assert (first.body, second.body) == (b"handler:hello", b"handler:")
 
 
 async def test_body_whole_incomplete_is_none() -> None:
@@ -385,7 +434,7 @@ async def test_quick_client_closing_after_sending_logs_no_error(
     lost = _watch_lost(monkeypatch)
     asked: list[str] = []
 
-    def quick(request: Request) -> bytes | None:
+    def quick(request: Request, body: bytes) -> bytes | None:
         asked.append(request.raw_path)
         return framed(b"x" * 1000)
 

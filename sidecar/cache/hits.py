@@ -34,8 +34,9 @@ Invariants:
   dozen per request, which was a fifth of a quick hit's cost. Until the
   iteration ends, metrics and read models lag by the hits of that
   iteration.
-- Only for an HTTP/1.1 keep-alive request that has fully arrived, while the
-  sidecar is not draining; anything else is passed on (returns None).
+- Only for an HTTP/1.1 keep-alive request that has fully arrived (the
+  server hands over its whole body), while the sidecar is not draining;
+  anything else is passed on (returns None).
 - At most ``max_entries`` fingerprints are kept, 32 bytes each plus the
   rendered head of their entry; the oldest not used since it was last
   looked at goes first. Nothing here holds a stored body alive: entries are
@@ -266,8 +267,11 @@ class QuickHits:
 
     # -- the quick handler -----------------------------------------------------
 
-    def answer(self, request: Request) -> bytes | None:
-        """The whole answer if it is a memory hit, else None (the pipeline's)."""
+    def answer(self, request: Request, body: bytes) -> bytes | None:
+        """The whole answer if it is a memory hit, else None (the pipeline's).
+
+        ``body`` is the request's whole body, as the server hands it over.
+        """
         if (
             not self.enabled
             or not request.keep_alive
@@ -279,9 +283,6 @@ class QuickHits:
         if signature is None or signature != self._signature:
             return None
         started = time.perf_counter()
-        body = request.content.whole()
-        if body is None:
-            return None
         fp = self.fingerprint(request, body)
         if fp is None:
             return None

@@ -57,7 +57,7 @@ from sidecar.http.request import EMPTY_BODY, Request
 from sidecar.http.response import Response, StreamResponse, error_message
 
 if TYPE_CHECKING:
-    from sidecar.http.server import HTTPServer
+    from sidecar.http.server import HTTPServer, QuickHandler
 
 # Request body buffered and not yet read, per connection: reading pauses
 # above the first and resumes below the second.
@@ -303,26 +303,62 @@ class Connection(asyncio.Protocol):
                 or not request.content.complete
             ):
                 return
-            transport = self.transport
-            if self.lost or transport is None or transport.is_closing():
-                return
-            try:
-                answer = quick(request)
-            except Exception as exc:
-                # A fault of the quick handler: the full handler still answers.
-                log.server.error("server.quick_handler_failed", exc_info=exc)
-                self._declined = request
-                return
-            if answer is None:
-                self._declined = request
+            body = request.content.whole()
+            if body is None or not self._try_quick(quick, request, body):
                 return
             pending.popleft()
-            self.cork(answer)
             if request.content is not EMPTY_BODY:
                 request.content.discard()
             if self._reading_paused:
                 self._update_reading()
             self.idle_since = self.loop.time()
+
+    def quick_ready(self) -> bool:
+        """Whether a request whose head just arrived could be answered quickly.
+
+        For the reader, which then holds the request out of the queue while
+        its body arrives (``answer_held``).
+        """
+        return (
+            self._server.quick is not None
+            and self._active is None
+            and not self._pending
+            and not self.write_paused
+            and not self.closing
+            and not self._no_more
+            and self._corked_bytes < CORK_BYTES
+        )
+
+    def answer_held(self, request: Request, body: bytes) -> bool:
+        """Answer a request the reader held back, if the quick handler can.
+
+        True when answered (the request is never queued); False to queue it.
+        """
+        quick = self._server.quick
+        if quick is None or not self._try_quick(quick, request, body):
+            return False
+        if self._reading_paused:
+            self._update_reading()
+        self.idle_since = self.loop.time()
+        return True
+
+    def _try_quick(self, quick: QuickHandler, request: Request, body: bytes) -> bool:
+        """Offer ``request`` to the quick handler; True once its answer is corked."""
+        transport = self.transport
+        if self.lost or transport is None or transport.is_closing():
+            return False
+        try:
+            answer = quick(request, body)
+        except Exception as exc:
+            # A fault of the quick handler: the full handler still answers.
+            log.server.error("server.quick_handler_failed", exc_info=exc)
+            self._declined = request
+            return False
+        if answer is None:
+            self._declined = request
+            return False
+        self.cork(answer)
+        return True
 
     def cork(self, data: bytes) -> None:
         """Hold ``data`` back until the server sends what its connections hold.

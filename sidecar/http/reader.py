@@ -18,7 +18,15 @@ What is refused, and by whom:
   head limits (431).
 An error in a head ends the requests of the connection: the refusal is
 answered in its turn and nothing behind it is parsed, so a smuggled request
-never runs. An error in a body (bad chunk, oversized trailers) fails that
+never runs.
+
+The quick handler's share (server.py): on an idle connection, a keep-alive
+request with a body of at most ``QUICK_BODY_BYTES`` is held out of the
+queue from its head to its end; if it ends within the same read, the quick
+handler is offered it with its body and, when it answers, the request is
+never queued. Otherwise (it passes, the read ends mid-body, a parse error
+follows) the held request is queued with its body so far, before anything
+parsed after it, so order and flow control are as for any request. An error in a body (bad chunk, oversized trailers) fails that
 body with ``ClientRequestError``; its handler owns the answer.
 
 Known limitations: trailer fields are counted against the head budget,
@@ -47,6 +55,9 @@ _HEAD_SLACK_BYTES: Final = 1024
 _VERSIONS: Final = {"1.1": HttpVersion11, "1.0": HttpVersion10}
 # llhttp reads keep-alive from both (Proxy-Connection is a legacy alias).
 _CONNECTION_FIELDS: Final = frozenset({b"connection", b"proxy-connection"})
+# Bodies up to this size may be held back from the queue while they arrive,
+# for the quick handler (see ``on_headers_complete``).
+QUICK_BODY_BYTES: Final = 64 * 1024
 # Lengths of the names _note looks at: a cheap test that skips most fields.
 _NOTED_NAME_SIZES: Final = frozenset(
     len(n)
@@ -106,6 +117,10 @@ class RequestReader:
         self._refusal: Refusal | None = None
         # The request whose body is arriving (head parsed, message not ended).
         self.parsing: Request | None = None
+        # A request held for the quick handler while its body arrives in
+        # this read, and that body's chunks (see on_headers_complete).
+        self._held: Request | None = None
+        self._held_body: list[bytes] = []
 
     @property
     def mid_message(self) -> bool:
@@ -116,7 +131,13 @@ class RequestReader:
         """Parse ``data``; requests and refusals go to the connection."""
         self._progress = False
         try:
-            self._parser.feed_data(data)
+            try:
+                self._parser.feed_data(data)
+            finally:
+                # A held request whose body did not end in this read joins
+                # the queue now, ahead of anything parsed after it.
+                if self._held is not None:
+                    self._release_held()
         except httptools.HttpParserUpgrade:
             # The request is queued; what follows its head is not HTTP/1.1.
             self._conn.end_requests(dropped=True)
@@ -219,15 +240,41 @@ class RequestReader:
         self.in_head = False
         request = self._make_request()
         self._keep_alive = request.keep_alive
+        if (
+            request.keep_alive
+            and not request.chunked
+            and (request.content_length or 0) <= QUICK_BODY_BYTES
+            and self._conn.quick_ready()
+        ):
+            # Hold it out of the queue while its body arrives: if the whole
+            # message is in this read, the quick handler may answer it
+            # without it ever being queued (see on_message_complete).
+            self._held = request
+            self._held_body = []
+            return
         if request.content is not EMPTY_BODY:
             self.parsing = request
         self._conn.queue(request)
 
     def on_body(self, body: bytes) -> None:
-        if self.parsing is not None:
+        if self._held is not None:
+            self._held_body.append(body)
+        elif self.parsing is not None:
             self.parsing.content.feed(body)
 
     def on_message_complete(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            chunks = self._held_body
+            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if not self._conn.answer_held(held, body):
+                if body:
+                    held.content.feed(body)
+                if held.content is not EMPTY_BODY:
+                    held.content.feed_eof()
+                self._conn.queue(held)
+            return  # held requests keep the connection alive
         request = self.parsing
         if request is not None:
             self.parsing = None
@@ -237,6 +284,18 @@ class RequestReader:
             self._conn.end_requests()
 
     # -- helpers -------------------------------------------------------------
+
+    def _release_held(self) -> None:
+        """Queue the held request with the body so far; the rest streams in."""
+        held = self._held
+        assert held is not None
+        self._held = None
+        for chunk in self._held_body:
+            held.content.feed(chunk)
+        self._held_body = []
+        if held.content is not EMPTY_BODY:
+            self.parsing = held
+        self._conn.queue(held)
 
     def _stop(self, code: ErrorCode, message: str) -> NoReturn:
         self._refusal = Refusal(code, message)

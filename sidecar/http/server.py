@@ -8,9 +8,11 @@ happens on a connection (connection.py).
 
 Two handlers: ``handler``, a coroutine function called once per request,
 and an optional ``quick`` one, a plain function tried first for a request
-that has fully arrived when its turn comes. ``quick`` returns the whole
-response as bytes (status line, fields, body; framed for a connection that
-stays open) or None to leave the request to ``handler``. It exists for
+that has fully arrived when its turn comes, given the request and its body.
+``quick`` returns the whole response as bytes (status line, fields, body;
+framed for a connection that stays open) or None to leave the request to
+``handler``. A small request arriving whole in one read on an idle
+connection is offered to ``quick`` before it is even queued (reader.py). It exists for
 answers that are ready in memory (cache hits): answering those from the
 read callback costs no task wake-up, no coroutine and no response object,
 which is most of what a small answer costs here. Quick answers are held
@@ -41,8 +43,9 @@ from sidecar.http.request import Request
 from sidecar.http.response import StreamResponse
 
 Handler = Callable[[Request], Awaitable[StreamResponse]]
-# Returns the complete response bytes, or None to pass the request on.
-QuickHandler = Callable[[Request], "bytes | None"]
+# Given a request and its whole body, returns the complete response bytes,
+# or None to pass the request on.
+QuickHandler = Callable[[Request, bytes], "bytes | None"]
 
 # Listen backlog, as aiohttp's. asyncio accepts up to this many connections
 # in one loop turn, so a larger value lets a burst of new connections hold

@@ -51,6 +51,13 @@ def _request(fields: Fields = BASE, *, body: bytes = BODY, method: str = "POST",
     return request
 
 
+def _ask(hits: QuickHits, request: Request) -> bytes | None:
+    """What the server does: offer a request that has fully arrived, with its body."""
+    body = request.content.whole()
+    assert body is not None, "the server offers only requests that have arrived"
+    return hits.answer(request, body)
+
+
 class _Rig:
     """A QuickHits over a real memory tier, with its clock and on_hits calls."""
 
@@ -85,7 +92,7 @@ class _Rig:
         return entry
 
     def hit(self, **request_kw: Any) -> bytes:
-        data = self.hits.answer(_request(**request_kw))
+        data = _ask(self.hits, _request(**request_kw))
         assert data is not None
         return data
 
@@ -302,15 +309,15 @@ def test_answer_key_changed_serves_new_key() -> None:
 @pytest.mark.parametrize(
     "request_kw",
     [{"body": b'{"other":1}'}, {"target": "/v1/completions"}, {"method": "PUT"},
-     {"keep_alive": False}, {"version": HttpVersion10}, {"complete": False}],
-    ids=["body", "target", "method", "not-keep-alive", "http-1.0", "body-incomplete"],
+     {"keep_alive": False}, {"version": HttpVersion10}],
+    ids=["body", "target", "method", "not-keep-alive", "http-1.0"],
 )
 def test_answer_request_not_quick_none(request_kw: dict[str, Any]) -> None:
-    """Requests not remembered, not keep-alive, not HTTP/1.1 or not arrived pass on."""
+    """Requests not remembered, not keep-alive or not HTTP/1.1 pass on."""
     rig = _Rig()
     rig.store(_request())
     rig.hit()
-    assert rig.hits.answer(_request(**request_kw)) is None
+    assert _ask(rig.hits, _request(**request_kw)) is None
 
 
 def test_answer_disabled_none() -> None:
@@ -318,7 +325,7 @@ def test_answer_disabled_none() -> None:
     rig = _Rig()
     rig.store(_request())
     rig.hits.enabled = False
-    assert rig.hits.answer(_request()) is None
+    assert _ask(rig.hits, _request()) is None
     rig.hits.enabled = True
     rig.hit()
 
@@ -328,14 +335,14 @@ def test_answer_signature_changed_none_then_forgotten() -> None:
     rig = _Rig()
     rig.store(_request())
     rig.env.signature = b"sig-2"
-    assert rig.hits.answer(_request()) is None
+    assert _ask(rig.hits, _request()) is None
     rig.env.signature = None
-    assert rig.hits.answer(_request()) is None
+    assert _ask(rig.hits, _request()) is None
     rig.env.signature = b"sig-2"
     rig.store(_request(target="/v1/embeddings"), key=b"e" * 32)
     assert len(rig.hits) == 1
     rig.hit(target="/v1/embeddings")
-    assert rig.hits.answer(_request()) is None
+    assert _ask(rig.hits, _request()) is None
 
 
 def test_answer_entry_left_memory_none_and_forgotten() -> None:
@@ -343,7 +350,7 @@ def test_answer_entry_left_memory_none_and_forgotten() -> None:
     rig = _Rig()
     rig.store(_request())
     rig.memory.pop(KEY)
-    assert rig.hits.answer(_request()) is None
+    assert _ask(rig.hits, _request()) is None
     assert len(rig.hits) == 0
 
 
@@ -354,7 +361,7 @@ def test_answer_entry_expired_none_and_forgotten() -> None:
     rig.now += 10.0
     rig.hit()
     rig.now += 0.001
-    assert rig.hits.answer(_request()) is None
+    assert _ask(rig.hits, _request()) is None
     assert len(rig.hits) == 0
 
 
@@ -363,7 +370,7 @@ def test_answer_status_not_2xx_or_204_none(status: int) -> None:
     """Only 2xx answers other than 204 are framed here."""
     rig = _Rig()
     rig.store(_request(), status=status)
-    assert rig.hits.answer(_request()) is None
+    assert _ask(rig.hits, _request()) is None
     assert rig.hits.answered == 0
 
 
@@ -382,7 +389,7 @@ def test_remember_over_max_entries_keeps_newest() -> None:
     rig = _Rig(max_entries=4)
     targets = _store_many(rig, 7)
     assert len(rig.hits) == 4
-    answered = [rig.hits.answer(_request(target=t)) is not None for t in targets]
+    answered = [_ask(rig.hits, _request(target=t)) is not None for t in targets]
     assert answered == [False] * 3 + [True] * 4
 
 
@@ -393,7 +400,7 @@ def test_remember_used_fingerprint_gets_second_chance() -> None:
     rig.hit(target=a)
     rig.store(_request(target="/v1/d"), key=b"d" * 32)
     assert len(rig.hits) == 3
-    assert rig.hits.answer(_request(target=b)) is None
+    assert _ask(rig.hits, _request(target=b)) is None
     for target in (a, c, "/v1/d"):
         rig.hit(target=target)
 
@@ -405,7 +412,7 @@ def test_remember_second_chance_lasts_one_round() -> None:
     rig.hit(target=a)
     rig.store(_request(target="/v1/c"), key=b"c" * 32)
     rig.store(_request(target="/v1/d"), key=b"d" * 32)
-    assert rig.hits.answer(_request(target=a)) is None
+    assert _ask(rig.hits, _request(target=a)) is None
     rig.hit(target="/v1/c")
 
 
@@ -465,7 +472,7 @@ def test_stats_counts_answers_and_fingerprints() -> None:
     rig.store(_request())
     rig.hit()
     rig.hit()
-    assert rig.hits.answer(_request(body=b"{}")) is None
+    assert _ask(rig.hits, _request(body=b"{}")) is None
     rig.hits.enabled = False
     assert rig.hits.answered == 2
     assert rig.hits.stats() == {
@@ -482,7 +489,7 @@ def test_reset_forgets_and_takes_new_significant_fields() -> None:
     rig.store(_request())
     rig.hits.reset(("X-Model",))
     assert len(rig.hits) == 0
-    assert rig.hits.answer(_request()) is None
+    assert _ask(rig.hits, _request()) is None
     fp = rig.hits.fingerprint
     def with_field(name: bytes, value: bytes) -> bytes | None:
         return fp(_request((*BASE, (name, value))), BODY)
@@ -497,4 +504,4 @@ def test_clear_forgets_everything() -> None:
     _store_many(rig, 3)
     rig.hits.clear()
     assert len(rig.hits) == 0 and len(rig.memory) == 3
-    assert rig.hits.answer(_request(target="/v1/r0")) is None
+    assert _ask(rig.hits, _request(target="/v1/r0")) is None
