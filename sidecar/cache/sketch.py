@@ -15,6 +15,12 @@ inflates other keys' estimates less). The doorkeeper is a one-probe bloom
 filter in a ``bytearray``: a key's first sighting in a sample only sets its
 bit, so keys seen once never reach the counters.
 
+A key whose estimate is saturated (four counters at 15, doorkeeper bit
+set) stays so until the next reset, so ``increment`` reports saturation and
+a caller that remembers it (tinylfu.py, per entry and ``generation``) calls
+``tick`` for the next sightings: the same state, without the hashing and
+counter arithmetic, for the hottest keys, whose lookups are most of them.
+
 Not here: the eviction policy that consults the estimates
 (``cache/tinylfu.py``); hashing keys to integers (callers pass ``hash(key)``).
 
@@ -87,13 +93,21 @@ class FrequencySketch:
         self.sample_limit = SAMPLE_FACTOR * capacity
         self.samples = 0
         self.resets = 0
+        # Moves on every reset and clear: a key found saturated (see
+        # ``increment``) stays so until this changes.
+        self.generation = 0
 
-    def increment(self, key_hash: int) -> None:
+    def increment(self, key_hash: int) -> bool:
         """Record one sighting of the key; may trigger a reset.
 
-        One function on purpose: it runs on every cache lookup, and a call
-        costs as much here as a few of the lines below.
+        Returns True when the key's estimate is now saturated (its four
+        counters at 15, its doorkeeper bit set) and no reset happened: until
+        ``generation`` moves, another sighting of it changes nothing but the
+        sample count, so a caller that remembers this may call ``tick``
+        instead. One function on purpose: it runs on every cache lookup, and
+        a call costs as much here as a few of the lines below.
         """
+        saturated = False
         h = key_hash & _MASK64
         h = ((h ^ (h >> 30)) * _MIX1) & _MASK64
         h = ((h ^ (h >> 27)) * _MIX2) & _MASK64
@@ -119,6 +133,9 @@ class FrequencySketch:
             c2 = (word >> o2) & 15
             c3 = (word >> o3) & 15
             low = min(c0, c1, c2, c3)
+            # Conservative update raises every minimal counter, so the
+            # minimum becomes low + 1 (or stays 15).
+            saturated = low >= _MAX_COUNT - 1
             if low != _MAX_COUNT:
                 # Conservative update: raising only the minimal counters keeps
                 # the estimate exact for this key while adding less noise.
@@ -131,6 +148,14 @@ class FrequencySketch:
                 if c3 == low:
                     word += 1 << o3
                 table[index] = word
+        self.samples += 1
+        if self.samples >= self.sample_limit:
+            self.reset()
+            return False
+        return saturated
+
+    def tick(self) -> None:
+        """``increment`` for a key known saturated in this ``generation``."""
         self.samples += 1
         if self.samples >= self.sample_limit:
             self.reset()
@@ -162,9 +187,11 @@ class FrequencySketch:
         self._door = bytearray(len(self._door))
         self.samples //= 2
         self.resets += 1
+        self.generation += 1
 
     def clear(self) -> None:
         """Forget everything, as if newly built."""
         self._table = array("Q", bytes(8 * len(self._table)))
         self._door = bytearray(len(self._door))
         self.samples = 0
+        self.generation += 1

@@ -84,7 +84,7 @@ _MIN_PERIOD: Final = 1000
 
 
 class _Entry(Generic[V]):
-    __slots__ = ("expires_at", "segment", "value", "weight")
+    __slots__ = ("expires_at", "saturated", "segment", "value", "weight")
 
     def __init__(
         self, value: V, weight: int, expires_at: float | None, segment: int
@@ -93,6 +93,9 @@ class _Entry(Generic[V]):
         self.weight = weight
         self.expires_at = expires_at
         self.segment = segment
+        # The sketch generation in which this key's estimate was seen
+        # saturated (-1: not seen so); W-TinyLFU only.
+        self.saturated = -1
 
 
 def _check_ceilings(max_entries: int, max_weight: int | None) -> None:
@@ -298,8 +301,15 @@ class WTinyLFU(Generic[V]):
 
     def get(self, key: Key) -> V | None:
         """The value, or None if absent or expired; records the access."""
-        self._sketch.increment(hash(key))
         entry = self._entries.get(key)
+        sketch = self._sketch
+        if entry is not None and entry.saturated == sketch.generation:
+            # A hot key: the sighting would change no counter (sketch.py).
+            sketch.tick()
+        else:
+            generation = sketch.generation
+            if sketch.increment(hash(key)) and entry is not None:
+                entry.saturated = generation
         if entry is not None and entry.expires_at is not None and self._expired(entry):
             self._unlink(key, entry)
             entry = None

@@ -158,3 +158,45 @@ def test_sketch_estimate_never_below_true_count(
         assert sketch.frequency(key) >= min(counts[key], 15)
     for key, count in counts.items():
         assert sketch.frequency(key) >= min(count, 15)
+
+
+def _state(sketch: FrequencySketch) -> tuple[bytes, bytes, int, int]:
+    return (sketch._table.tobytes(), bytes(sketch._door), sketch.samples, sketch.resets)
+
+
+def test_sketch_increment_says_saturated_once_every_counter_is_full() -> None:
+    """increment returns True from the sighting that fills the key's counters."""
+    sketch = FrequencySketch(1000)
+    answers = [sketch.increment(hash(b"hot")) for _ in range(20)]
+    # The first sighting only sets the doorkeeper bit; then 15 raise the counters.
+    assert answers == [False] * 15 + [True] * 5
+    assert sketch.frequency(hash(b"hot")) == 15
+
+
+@given(st.lists(st.integers(0, 40), min_size=1, max_size=400))
+@settings(max_examples=50, deadline=None)
+def test_sketch_tick_for_a_saturated_key_equals_increment(order: list[int]) -> None:
+    """For a key increment called saturated, tick leaves the same state as increment."""
+    one, other = FrequencySketch(8), FrequencySketch(8)
+    saturated: dict[int, int] = {}
+    for key in order:
+        h = hash(b"k%d" % key)
+        if saturated.get(key) == one.generation:
+            one.tick()
+        else:
+            generation = one.generation
+            if one.increment(h):
+                saturated[key] = generation
+        other.increment(h)
+        assert _state(one) == _state(other)
+
+
+def test_sketch_generation_moves_on_reset_and_clear() -> None:
+    """A reset and a clear both start a new generation (saturation forgotten)."""
+    sketch = FrequencySketch(10)
+    first = sketch.generation
+    sketch.reset()
+    assert sketch.generation == first + 1
+    sketch.clear()
+    assert sketch.generation == first + 2
+    assert sketch.increment(hash(b"x")) is False

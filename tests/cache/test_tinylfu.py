@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from sidecar.cache.simulate import simulate
+from sidecar.cache.sketch import FrequencySketch
 from sidecar.cache.tinylfu import LRU, WTinyLFU
 
 CACHES = [WTinyLFU, LRU]
@@ -491,3 +492,21 @@ def test_wtinylfu_expired_victim_evicted_before_duel() -> None:
     clock.now += 2
     evicted = cache.put("c", 3)
     assert [key for key, _ in evicted] == ["old"]
+
+
+def test_wtinylfu_hot_key_shortcut_keeps_the_sketch_exact() -> None:
+    """Gets of a saturated key skip its counters, leaving the sketch as counting would."""
+    cache: WTinyLFU[str] = WTinyLFU(64)
+    reference = FrequencySketch(64)
+    keys = [f"k{n}" for n in range(40)]
+    for key in keys:
+        cache.put(key, key)
+    rng = random.Random(7)
+    for _ in range(5_000):
+        key = rng.choice(keys[:5]) if rng.random() < 0.8 else rng.choice(keys)
+        cache.get(key)
+        reference.increment(hash(key))
+    sketch = cache._sketch
+    assert (sketch._table.tobytes(), bytes(sketch._door), sketch.samples) == (
+        reference._table.tobytes(), bytes(reference._door), reference.samples
+    )
