@@ -272,10 +272,11 @@ class QuickHits:
 
         ``body`` is the request's whole body, as the server hands it over.
         """
+        version = request.version
         if (
             not self.enabled
             or not request.keep_alive
-            or request.version != HttpVersion11
+            or (version is not HttpVersion11 and version != HttpVersion11)
             or request.raw_path not in self._targets
         ):
             return None
@@ -303,7 +304,8 @@ class QuickHits:
                 return None
         memo.used = True
         self.answered += 1
-        age = b"%d" % max(0, int(now - entry.created))
+        age_s = int(now - entry.created)
+        age = b"%d" % age_s if age_s > 0 else b"0"
         if wire.dated:
             data = b"".join((wire.prefix, age, wire.rest, entry.body))
         else:

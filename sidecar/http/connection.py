@@ -337,8 +337,7 @@ class Connection(asyncio.Protocol):
         quick = self._server.quick
         if quick is None or not self._try_quick(quick, request, body):
             return False
-        if self._reading_paused:
-            self._update_reading()
+        # Its body was never counted as buffered, so reading needs no update.
         self.idle_since = self.loop.time()
         return True
 
