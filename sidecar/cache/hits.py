@@ -71,8 +71,10 @@ from sidecar.cache.tinylfu import WTinyLFU
 from sidecar.http import HttpVersion11, Request, http_date
 from sidecar.http.response import encode_head
 
-# Stands in for the Age value while an entry's head is rendered once; never
-# a valid field value (encode_head refuses none of it, no upstream sends it).
+# Stands in for the Age value while an entry's head is rendered once. No
+# stored field holds it (the upstream parser refuses NUL in field values);
+# a head that holds it anyway does not split in two and is left to the
+# pipeline.
 _AGE_MARK: Final = "\x00sidecar-age\x00"
 _AGE_MARK_BYTES: Final = _AGE_MARK.encode()
 # Roles of the request header fields the fingerprint looks at.

@@ -18,7 +18,8 @@ What is refused, and by whom:
   head limits (431).
 An error in a head ends the requests of the connection: the refusal is
 answered in its turn and nothing behind it is parsed, so a smuggled request
-never runs.
+never runs. An error in a body (bad chunk, oversized trailers) fails that
+body with ``ClientRequestError``; its handler owns the answer.
 
 The quick handler's share (server.py): on an idle connection, a keep-alive
 request with a body of at most ``QUICK_BODY_BYTES`` is held out of the
@@ -26,8 +27,7 @@ queue from its head to its end; if it ends within the same read, the quick
 handler is offered it with its body and, when it answers, the request is
 never queued. Otherwise (it passes, the read ends mid-body, a parse error
 follows) the held request is queued with its body so far, before anything
-parsed after it, so order and flow control are as for any request. An error in a body (bad chunk, oversized trailers) fails that
-body with ``ClientRequestError``; its handler owns the answer.
+parsed after it, so order and flow control are as for any request.
 
 Known limitations: trailer fields are counted against the head budget,
 then dropped; ``GET / RTSP/1.0`` passes as HTTP/1.0 (llhttp does not say
