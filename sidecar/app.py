@@ -41,6 +41,7 @@ from aiohttp import web
 from sidecar import log, state
 from sidecar.artifacts import ArtifactCounters, ArtifactOptions, Artifacts
 from sidecar.artifacts.ingest import compile_pattern
+from sidecar.artifacts.serve import json_error
 from sidecar.balance import Balancer
 from sidecar.cache.compress import Compressor
 from sidecar.cache.hits import QuickHits
@@ -49,7 +50,7 @@ from sidecar.cache.store import AsyncDiskStore, StoreError
 from sidecar.cache.tiers import TieredCache
 from sidecar.coalesce import Coalescer
 from sidecar.environment import Environment
-from sidecar.errors import ErrorCode, ManifestError, SidecarError, error_body
+from sidecar.errors import ErrorCode, ManifestError, SidecarError
 from sidecar.http import HTTPServer
 from sidecar.limits import UpstreamLimiter
 from sidecar.manifest import Manifest, Router, is_loopback, load_manifest, split_host_port
@@ -746,9 +747,11 @@ class Sidecar:
 
 
 def admin_error(code: ErrorCode, message: str) -> web.Response:
-    """An admin-port error in the OpenAI shape (the admin port runs on aiohttp)."""
-    return web.Response(status=code.status, body=error_body(code, message),
-                        content_type="application/json")
+    """An admin-port error in the OpenAI shape, never cached by a client.
+
+    The same answer the artifact handlers give (both run on aiohttp).
+    """
+    return json_error(code, message)
 
 
 def _output_fields(manifest: Manifest) -> dict[str, Any]:

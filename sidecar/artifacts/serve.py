@@ -78,6 +78,11 @@ def digest_from_target(raw_target: str) -> Digest | None:
 
 
 def json_error(code: ErrorCode, message: str, **headers: str) -> web.Response:
+    """An aiohttp error answer in the OpenAI shape that no cache keeps.
+
+    Also the admin port's (``app.admin_error``); the data port's lean server
+    has its own (``proxy.json_error``).
+    """
     return web.Response(
         status=code.status,
         body=error_body(code, message),
