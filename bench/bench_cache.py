@@ -30,8 +30,8 @@ microseconds per request.
 It prints tables, PASS/FAIL lines for the targets, one JSON line per
 measurement (also written to ``--json FILE``) and a ``rerun with:`` line; the
 exit status is 1 when a leg failed or a target failed. Not here: process,
-nginx and wrk plumbing (``bench/rig.py``), the pass-through comparison
-(``bench/bench_proxy.py``).
+nginx and wrk plumbing, the common flags, legs, targets and the report's
+tail (``bench/rig.py``), the pass-through comparison (``bench/bench_proxy.py``).
 
 Invariants: the proxy under test runs on one CPU, the origin and wrk on the
 other (``rig.plan_cpus``; ``--one-core`` shares one CPU); every process
@@ -59,24 +59,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 import timeit
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from email.message import Message
 from pathlib import Path
-from types import FrameType
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from bench import rig
 from sidecar import canonical, keys
@@ -95,17 +88,10 @@ REQUEST_BODY: Final = (
 MODELS_BODY: Final = '{"object":"list","data":[{"id":"tiny","object":"model"}]}'
 PROPS_BODY: Final = '{"model_path":"tiny.gguf","build_info":"bench"}'
 COMPLETION_BYTES: Final = 600
-DEFAULT_SIDECAR_CMD: Final = (
-    "{python} -m sidecar serve --upstream {upstream} --listen 127.0.0.1:{port}"
-    " --admin-listen 127.0.0.1:{admin_port} --data-dir {data_dir}"
-)
-SIDECAR_READY_LINE: Final = "sidecar.listening"
-SIDECAR_START_TIMEOUT_S: Final = 30.0
 # The sidecar bypasses its cache until it has read the upstream's identity,
 # which its health loop does within a few seconds of starting.
 WARM_TIMEOUT_S: Final = 30.0
 WARM_POLL_S: Final = 0.2
-WARMUP_CONNECTIONS: Final = 16
 # Lookup-path timing: calls per timed batch and batches (median kept).
 LOOKUP_CALLS: Final = 20_000
 QUICK_LOOKUP_CALLS: Final = 5_000
@@ -120,8 +106,7 @@ THROUGHPUT_CONCURRENCY: Final = 64
 MAX_HIT_P99_US: Final = 2_000.0
 MIN_HITS_VS_NGINX: Final = 0.5
 
-Record = dict[str, Any]
-Result = Literal["PASS", "FAIL", "SKIP"]
+Record = rig.Record
 
 
 def completion_body(size: int = COMPLETION_BYTES) -> str:
@@ -181,13 +166,9 @@ class Measurements:
     failures: dict[str, str] = field(default_factory=dict)
 
 
-def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
 def _fail(found: Measurements, leg: str, reason: str) -> None:
     found.failures[leg] = reason
-    _progress(f"FAILED {leg}: {reason}")
+    rig.progress(f"FAILED {leg}: {reason}")
 
 
 # -- nginx configs ------------------------------------------------------------
@@ -276,26 +257,6 @@ def wrk_script() -> str:
 # -- legs ---------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Leg:
-    """A started leg: where to send requests and the process behind it."""
-
-    name: str
-    url: str
-    proc: rig.Proc
-    # nginx reports request failures here, not on its stderr.
-    error_log: Path | None = None
-
-    def failure(self, what: str) -> str:
-        """``what`` went wrong, then the end of this leg's logs."""
-        text = f"{what}\nlog {self.proc.log_path}:\n{self.proc.log_tail()}"
-        if self.error_log is not None and self.error_log.exists():
-            lines = self.error_log.read_text(errors="replace").splitlines()
-            tail = "\n".join(lines[-rig.LOG_TAIL_LINES :])
-            text += f"\nlog {self.error_log}:\n{tail}"
-        return text
-
-
 def _start_origin(
     plan: rig.CpuPlan, stack: contextlib.ExitStack, workdir: Path
 ) -> tuple[int, Path]:
@@ -310,7 +271,7 @@ def _start_origin(
 
 def _start_nginx_leg(
     upstream_port: int, plan: rig.CpuPlan, stack: contextlib.ExitStack, workdir: Path
-) -> Leg:
+) -> rig.Leg:
     (port,) = rig.free_ports(1)
     prefix = workdir / "nginx-cache"
     prefix.mkdir()
@@ -322,7 +283,8 @@ def _start_nginx_leg(
     config = cache_proxy_config(prefix, port, upstream_port)
     proc = rig.start_nginx("nginx", prefix, config, port=port, cpu=plan.proxy_cpu)
     stack.callback(rig.stop_process, proc)
-    return Leg("nginx", f"http://{rig.LOOPBACK}:{port}", proc, prefix / "error.log")
+    url = f"http://{rig.LOOPBACK}:{port}"
+    return rig.Leg("nginx", url, proc, prefix / "error.log")
 
 
 def _start_sidecar_leg(
@@ -331,51 +293,15 @@ def _start_sidecar_leg(
     plan: rig.CpuPlan,
     stack: contextlib.ExitStack,
     workdir: Path,
-) -> Leg:
-    port, admin_port = rig.free_ports(2)
-    home = workdir / "sidecar"
-    data_dir = home / "data"
-    data_dir.mkdir(parents=True)
-    python = rig.REPO / ".venv" / "bin" / "python"
-    fields = {
-        "python": str(python) if python.exists() else sys.executable,
-        "upstream": f"http://{rig.LOOPBACK}:{upstream_port}",
-        "port": port,
-        "admin_port": admin_port,
-        "data_dir": str(data_dir),
-    }
-    proc = rig.start_ready(
-        "sidecar",
-        rig.command_from_template(settings.sidecar_cmd, fields),
-        log_path=home / "stderr.log",
+) -> rig.Leg:
+    url, proc = rig.start_sidecar(
+        settings.sidecar_cmd,
+        upstream_port,
+        workdir / "sidecar",
         cpu=plan.proxy_cpu,
-        port=port,
-        line=SIDECAR_READY_LINE,
-        timeout_s=SIDECAR_START_TIMEOUT_S,
+        stack=stack,
     )
-    stack.callback(rig.stop_process, proc)
-    return Leg("sidecar", f"http://{rig.LOOPBACK}:{port}", proc)
-
-
-def _post(url: str) -> tuple[int, dict[str, str], bytes]:
-    """The benchmark's POST, once: status, lower-cased headers and body."""
-    request = urllib.request.Request(
-        url,
-        data=REQUEST_BODY,
-        method="POST",
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, _lowered(response.headers), response.read()
-    except urllib.error.HTTPError as exc:
-        return exc.code, _lowered(exc.headers), exc.read()
-    except OSError as exc:
-        raise rig.RigError(f"POST {url} failed: {exc}") from exc
-
-
-def _lowered(headers: Message) -> dict[str, str]:
-    return {name.lower(): value for name, value in headers.items()}
+    return rig.Leg("sidecar", url, proc)
 
 
 def _cache_state(leg: str, headers: Mapping[str, str]) -> str:
@@ -387,7 +313,7 @@ def _cache_state(leg: str, headers: Mapping[str, str]) -> str:
     return f"{state} ({reason})" if reason else state
 
 
-def _warm(leg: Leg) -> None:
+def _warm(leg: rig.Leg) -> None:
     """Send the POST until the leg answers it from its cache, bounded in time.
 
     Raises ``RigError`` on a wrong answer or when no hit comes in time.
@@ -396,14 +322,19 @@ def _warm(leg: Leg) -> None:
     deadline = time.monotonic() + WARM_TIMEOUT_S
     seen: list[str] = []
     while time.monotonic() < deadline:
-        status, headers, body = _post(url)
-        if status != 200 or body != COMPLETION_BODY.encode():
-            raise rig.RigError(f"POST {url} answered {status} {body[:200]!r}")
+        _, headers, _ = rig.fetch(
+            url,
+            method="POST",
+            data=REQUEST_BODY,
+            headers={"Content-Type": "application/json"},
+            expect=COMPLETION_BODY.encode(),
+        )
         state = _cache_state(leg.name, headers)
         if not seen or seen[-1] != state:
             seen.append(state)
         if state == "hit":
-            _progress(f"{leg.name}: cache states before measuring: {', '.join(seen)}")
+            states = ", ".join(seen)
+            rig.progress(f"{leg.name}: cache states before measuring: {states}")
             return
         time.sleep(WARM_POLL_S)
     raise rig.RigError(
@@ -419,9 +350,9 @@ def _start_legs(
     workdir: Path,
     origin_port: int,
     found: Measurements,
-) -> dict[str, Leg]:
+) -> dict[str, rig.Leg]:
     """Every leg that starts and answers from its cache, by name."""
-    starters: dict[str, Callable[[], Leg]] = {
+    starters: dict[str, Callable[[], rig.Leg]] = {
         "nginx": lambda: _start_nginx_leg(origin_port, plan, stack, workdir),
         "sidecar": lambda: _start_sidecar_leg(
             origin_port, settings, plan, stack, workdir
@@ -455,27 +386,6 @@ def _origin_posts(access_log: Path) -> int:
     return sum(1 for line in text.splitlines() if line.startswith("POST "))
 
 
-def _run_wrk(
-    url: str, script: Path, *, connections: int, duration_s: float, cpu: int | None
-) -> rig.WrkResult:
-    """``rig.run_wrk`` with a Lua script (rig's wrk command has no ``-s``)."""
-    argv = rig.wrk_argv(url, connections=connections, duration_s=duration_s)
-    argv[-1:-1] = ["-s", str(script)]
-    try:
-        done = subprocess.run(
-            rig.pinned(argv, cpu),
-            capture_output=True,
-            text=True,
-            timeout=duration_s + 30,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise rig.RigError(f"wrk failed to run: {exc}") from exc
-    if done.returncode != 0:
-        raise rig.RigError(f"wrk exited {done.returncode}: {done.stderr.strip()}")
-    return rig.parse_wrk(done.stdout)
-
-
 def _measure_http(
     settings: Settings, plan: rig.CpuPlan, workdir: Path, found: Measurements
 ) -> None:
@@ -485,28 +395,23 @@ def _measure_http(
         origin_port, access_log = _start_origin(plan, stack, workdir)
         legs = _start_legs(settings, plan, stack, workdir, origin_port, found)
 
-        def point(name: str, connections: int, warmup: bool = False) -> None:
+        def point(name: str, connections: int, warmup: bool) -> None:
             _run_point(
                 settings, plan, found, legs, name, connections,
                 script=script, access_log=access_log, warmup=warmup,
             )
 
-        for name in list(legs):
-            point(name, WARMUP_CONNECTIONS, warmup=True)
-        # Repeats outermost, legs innermost: drift on a shared machine then
-        # lands on both legs alike instead of on whichever ran last.
-        for repeat in range(settings.repeats):
-            for connections in (LATENCY_CONCURRENCY, THROUGHPUT_CONCURRENCY):
-                for name in list(legs):
-                    point(name, connections)
-            _progress(f"http: repeat {repeat + 1}/{settings.repeats} done")
+        concurrencies = (LATENCY_CONCURRENCY, THROUGHPUT_CONCURRENCY)
+        rig.run_interleaved(
+            legs, concurrencies, settings.repeats, point, label="http: "
+        )
 
 
 def _run_point(
     settings: Settings,
     plan: rig.CpuPlan,
     found: Measurements,
-    legs: dict[str, Leg],
+    legs: dict[str, rig.Leg],
     name: str,
     connections: int,
     *,
@@ -516,28 +421,26 @@ def _run_point(
 ) -> None:
     """One wrk run; a leg whose run fails is dropped from ``legs``."""
     before = _origin_posts(access_log)
-    cpu_before = rig.cpu_seconds(legs[name].proc.pid)
-    try:
-        result = _run_wrk(
-            legs[name].url + CHAT_PATH,
-            script,
-            connections=connections,
-            duration_s=settings.warmup_s if warmup else settings.duration_s,
-            cpu=plan.load_cpu,
-        )
-    except rig.RigError as exc:
-        _fail(found, name, legs.pop(name).failure(str(exc)))
-        return
-    if warmup:
+    leg = legs[name]
+    cpu_before = leg.cpu_seconds()
+    result = rig.run_point(
+        legs,
+        name,
+        CHAT_PATH,
+        connections,
+        duration_s=settings.warmup_s if warmup else settings.duration_s,
+        cpu=plan.load_cpu,
+        fail=lambda failed, reason: _fail(found, failed, reason),
+        script=script,
+    )
+    if result is None or warmup:
         return
     calls = _origin_posts(access_log) - before
-    cpu_s = rig.cpu_seconds(legs[name].proc.pid) - cpu_before
+    cpu_s = leg.cpu_seconds() - cpu_before
     found.http.setdefault((name, connections), []).append(Point(result, calls, cpu_s))
-    _progress(
-        f"http: {name:8} c={connections:<3} {rig.fmt_rate(result.requests_per_s):>9}"
-        f" hits/s  p50 {rig.fmt_latency(result.p50_s)}"
-        f"  p99 {rig.fmt_latency(result.p99_s)}"
-        + (f"  errors {result.errors}" if result.errors else "")
+    rig.progress(
+        "http: "
+        + rig.wrk_line(name, connections, result, unit="hits/s")
         + (f"  upstream calls {calls}" if calls else "")
     )
 
@@ -545,17 +448,14 @@ def _run_point(
 def _http_records(found: Measurements) -> list[Record]:
     """One record per (leg, concurrency): medians over repeats, with ratios."""
     records = []
+    metrics = ("requests_per_s", "p50_us", "p99_us", "cpu_us_per_hit")
     for connections in (LATENCY_CONCURRENCY, THROUGHPUT_CONCURRENCY):
         for name in LEGS:
             points = found.http.get((name, connections))
             if not points:
                 continue
             records.append(_http_record(name, connections, points))
-    for record in records:
-        nginx = _find(records, leg="nginx", concurrency=record["concurrency"])
-        for metric in ("requests_per_s", "p50_us", "p99_us", "cpu_us_per_hit"):
-            base = None if nginx is None else nginx[metric]
-            record[f"{metric}_vs_nginx"] = rig.ratio(record[metric], base)
+        rig.add_ratios(records, metrics, ("nginx",), concurrency=connections)
     return records
 
 
@@ -589,14 +489,6 @@ def _http_record(name: str, connections: int, points: Sequence[Point]) -> Record
 
 def _cpu_per_hit(point: Point) -> float:
     return point.cpu_s / max(1, point.wrk.requests) * 1e6
-
-
-def _find(records: Sequence[Record], **match: Any) -> Record | None:
-    """The first record whose fields equal ``match``."""
-    for record in records:
-        if all(record.get(k) == v for k, v in match.items()):
-            return record
-    return None
 
 
 # -- the lookup path in-process -----------------------------------------------
@@ -730,22 +622,10 @@ def _measure_lookup(
     finally:
         rig.pin_self(plan.load_cpu)
     whole = found.lookup[-1]["us_per_request"]
-    _progress(f"lookup path in-process: {whole:.2f} us per request")
+    rig.progress(f"lookup path in-process: {whole:.2f} us per request")
 
 
 # -- targets ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """One target: ``PASS``, ``FAIL`` or ``SKIP`` (could not be judged)."""
-
-    target: str
-    result: Result
-    detail: str
-
-    def record(self) -> Record:
-        return {"bench": "cache", "kind": "target", **dataclasses.asdict(self)}
 
 
 def _unclean(record: Record) -> str:
@@ -758,33 +638,33 @@ def _unclean(record: Record) -> str:
     return "".join(f"; {part}" for part in parts)
 
 
-def _target_latency(found: Measurements, http: Sequence[Record]) -> Verdict:
+def _target_latency(found: Measurements, http: Sequence[Record]) -> rig.Verdict:
     name = f"hit_p99_c{LATENCY_CONCURRENCY}"
-    sidecar = _find(http, leg="sidecar", concurrency=LATENCY_CONCURRENCY)
+    sidecar = rig.find(http, leg="sidecar", concurrency=LATENCY_CONCURRENCY)
     if sidecar is None:
         why = found.failures.get("sidecar") or found.failures.get("all") or "no run"
-        return Verdict(name, "FAIL", f"not measured: {why.splitlines()[0]}")
+        return rig.Verdict(name, "FAIL", f"not measured: {why.splitlines()[0]}")
     dirty = _unclean(sidecar)
     detail = (
         f"sidecar hit p99 {rig.fmt_us(sidecar['p99_us'])} at c={LATENCY_CONCURRENCY}"
         f"; limit {rig.fmt_us(MAX_HIT_P99_US)}{dirty}"
     )
-    return _verdict(name, sidecar["p99_us"] < MAX_HIT_P99_US and not dirty, detail)
+    return rig.verdict(name, sidecar["p99_us"] < MAX_HIT_P99_US and not dirty, detail)
 
 
-def _target_throughput(found: Measurements, http: Sequence[Record]) -> Verdict:
+def _target_throughput(found: Measurements, http: Sequence[Record]) -> rig.Verdict:
     name = f"hits_c{THROUGHPUT_CONCURRENCY}_vs_nginx"
-    sidecar = _find(http, leg="sidecar", concurrency=THROUGHPUT_CONCURRENCY)
-    nginx = _find(http, leg="nginx", concurrency=THROUGHPUT_CONCURRENCY)
+    sidecar = rig.find(http, leg="sidecar", concurrency=THROUGHPUT_CONCURRENCY)
+    nginx = rig.find(http, leg="nginx", concurrency=THROUGHPUT_CONCURRENCY)
     if sidecar is None:
         why = found.failures.get("sidecar") or found.failures.get("all") or "no run"
-        return Verdict(name, "FAIL", f"not measured: {why.splitlines()[0]}")
+        return rig.Verdict(name, "FAIL", f"not measured: {why.splitlines()[0]}")
     if nginx is None or _unclean(nginx):
         # A failed reference leaves the target unjudged; the failure itself
         # still fails the run.
         why = _unclean(nginx).removeprefix("; ") if nginx else "no run"
         why = found.failures.get("nginx", why).splitlines()[0]
-        return Verdict(name, "SKIP", f"nginx not measured cleanly: {why}")
+        return rig.Verdict(name, "SKIP", f"nginx not measured cleanly: {why}")
     limit = MIN_HITS_VS_NGINX * nginx["requests_per_s"]
     dirty = _unclean(sidecar)
     detail = (
@@ -793,21 +673,13 @@ def _target_throughput(found: Measurements, http: Sequence[Record]) -> Verdict:
         f"proxy_cache's {rig.fmt_rate(nginx['requests_per_s'])} = "
         f"{rig.fmt_rate(limit)}{dirty}"
     )
-    return _verdict(name, sidecar["requests_per_s"] >= limit and not dirty, detail)
-
-
-def _verdict(target: str, passed: bool, detail: str) -> Verdict:
-    return Verdict(target, "PASS" if passed else "FAIL", detail)
+    return rig.verdict(name, sidecar["requests_per_s"] >= limit and not dirty, detail)
 
 
 # -- report -------------------------------------------------------------------
 
 HTTP_COLUMNS: Final[Sequence[rig.Column]] = (
-    ("leg", "leg", rig.fmt_plain),
-    ("conns", "concurrency", rig.fmt_plain),
-    ("hits/s", "requests_per_s", rig.fmt_rate),
-    ("p50", "p50_us", rig.fmt_us),
-    ("p99", "p99_us", rig.fmt_us),
+    *rig.wrk_columns("hits/s"),
     ("CPU/hit", "cpu_us_per_hit", rig.fmt_us),
     ("errors", "errors", rig.fmt_plain),
     ("past cache", "upstream_calls", rig.fmt_plain),
@@ -825,7 +697,7 @@ LOOKUP_COLUMNS: Final[Sequence[rig.Column]] = (
 
 def _with_shares(lookup: Sequence[Record], http: Sequence[Record]) -> list[Record]:
     """Lookup records with their share of the sidecar's HTTP hit p50."""
-    sidecar = _find(http, leg="sidecar", concurrency=LATENCY_CONCURRENCY)
+    sidecar = rig.find(http, leg="sidecar", concurrency=LATENCY_CONCURRENCY)
     p50_us = None if sidecar is None else sidecar["p50_us"]
     out = []
     for record in lookup:
@@ -841,13 +713,8 @@ def _setup_record(settings: Settings, plan: rig.CpuPlan) -> Record:
         "kind": "setup",
         "request_bytes": len(REQUEST_BODY),
         "answer_bytes": len(COMPLETION_BODY),
-        "duration_s": settings.duration_s,
-        "repeats": settings.repeats,
-        "proxy_cpu": plan.proxy_cpu,
-        "load_cpu": plan.load_cpu,
-        "loadavg": list(os.getloadavg()),
-        "sidecar_cmd": settings.sidecar_cmd,
-        "sidecar_log_level": os.environ.get("SIDECAR_LOG_LEVEL"),
+        **rig.run_fields(plan, settings.duration_s, settings.repeats),
+        **rig.sidecar_fields(settings.sidecar_cmd),
     }
 
 
@@ -877,28 +744,13 @@ def _print_report(
     print("\nthe sidecar's lookup path in-process, no HTTP (median of batches)")
     print(rig.format_records(lookup, LOOKUP_COLUMNS))
     failures = [
-        {"bench": "cache", "kind": "failure", "leg": leg, "reason": reason}
+        rig.failure_record("cache", leg, reason)
         for leg, reason in found.failures.items()
     ]
-    if failures:
-        print("\nfailed legs")
-        for failure in failures:
-            print(f"  {failure['leg']}: {str(failure['reason']).splitlines()[0]}")
-    print("\ntargets for the sidecar")
-    for verdict in verdicts:
-        print(f"{verdict.result} {verdict.target}: {verdict.detail}")
-
-    records = [_setup_record(settings, plan), *http, *lookup, *failures]
-    records += [verdict.record() for verdict in verdicts]
-    print()
-    for record in records:
-        print(rig.json_line(record))
-    if json_path is not None:
-        rig.write_json_lines(json_path, records)
-        print(f"wrote {len(records)} JSON lines to {json_path}")
-    print(rig.rerun_line("bench.bench_cache", argv))
-    failed = bool(failures) or any(v.result == "FAIL" for v in verdicts)
-    return 1 if failed else 0
+    measured = [_setup_record(settings, plan), *http, *lookup]
+    return rig.finish_report(
+        "cache", measured, failures, verdicts, json_path=json_path, argv=argv
+    )
 
 
 # -- command line -------------------------------------------------------------
@@ -910,49 +762,30 @@ def _parse_args(argv: Sequence[str]) -> tuple[Settings, Path | None]:
         description="Cost of a cache hit: the sidecar next to nginx proxy_cache.",
     )
     parser.add_argument("--quick", action="store_true", help="short runs, one repeat")
-    parser.add_argument("--duration-s", type=float, help="seconds per wrk run (5)")
-    parser.add_argument("--repeats", type=int, help="runs per point, median kept (3)")
-    parser.add_argument(
-        "--sidecar-cmd",
-        default=DEFAULT_SIDECAR_CMD,
-        help="command for the sidecar leg; fields: {python} {upstream} {port} "
-        "{admin_port} {data_dir}",
-    )
-    parser.add_argument(
-        "--one-core",
-        action="store_true",
-        help="run the proxy on the load CPU too (no cross-CPU wake-ups)",
-    )
-    parser.add_argument("--json", type=Path, help="also write the JSON lines here")
+    rig.add_length_args(parser)
+    rig.add_sidecar_cmd_arg(parser)
+    rig.add_layout_args(parser)
     args = parser.parse_args(argv)
     if args.duration_s is not None and args.duration_s <= 0:
         parser.error("--duration-s needs a positive number of seconds")
-    quick = args.quick
+    duration_s, repeats = rig.run_length(args)
     settings = Settings(
-        duration_s=args.duration_s or (2.0 if quick else 5.0),
-        warmup_s=1.0,
-        repeats=max(1, args.repeats or (1 if quick else 3)),
-        lookup_calls=QUICK_LOOKUP_CALLS if quick else LOOKUP_CALLS,
+        duration_s=duration_s,
+        warmup_s=rig.WARMUP_S,
+        repeats=repeats,
+        lookup_calls=QUICK_LOOKUP_CALLS if args.quick else LOOKUP_CALLS,
         sidecar_cmd=args.sidecar_cmd,
         one_core=args.one_core,
     )
     return settings, args.json
 
 
-def _raise_exit(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM (from run_all's budget) unwinds the ExitStack, which stops
-    # every process this run started.
-    raise SystemExit(128 + signum)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     settings, json_path = _parse_args(argv)
-    signal.signal(signal.SIGTERM, _raise_exit)
-    plan = rig.plan_cpus(one_core=settings.one_core)
-    rig.pin_self(plan.load_cpu)
-    _progress(plan.describe())
-    _progress(f"sidecar command: {settings.sidecar_cmd}")
+    plan = rig.begin_run(
+        one_core=settings.one_core, sidecar_cmd=settings.sidecar_cmd
+    )
     found = Measurements()
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         try:

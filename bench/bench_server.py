@@ -16,9 +16,10 @@ every leg interleaved so drift on a shared machine hits all legs alike. It
 prints a table, one JSON line per measurement (also to ``--json FILE``) and
 a ``rerun with:`` line; the exit status is 1 when a leg failed.
 
-Not here: process, nginx and wrk plumbing (``bench/rig.py``); the cost of
-the proxy itself (``bench/bench_proxy.py``). ``--serve lean|aiohttp`` runs
-one Python leg in the foreground; the benchmark starts its legs that way.
+Not here: process, nginx and wrk plumbing, the common flags, legs and the
+report's tail (``bench/rig.py``); the cost of the proxy itself
+(``bench/bench_proxy.py``). ``--serve lean|aiohttp`` runs one Python leg in
+the foreground; the benchmark starts its legs that way.
 
 Invariants: the server under test runs on one CPU, wrk on the other (see
 ``rig.plan_cpus``); every process started here is stopped by PID before
@@ -36,26 +37,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
-import signal
 import sys
 import tempfile
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
-from typing import Any, Final
+from typing import Final
 
 from bench import rig, upstream
 
 LEGS: Final = ("lean", "aiohttp", "nginx")
 PYTHON_LEGS: Final = ("lean", "aiohttp")
 READY_LINE: Final = "bench_server.ready"
-WARMUP_CONNECTIONS: Final = 16
 
-Record = dict[str, Any]
+Record = rig.Record
 
 
 @dataclass(frozen=True)
@@ -75,10 +70,6 @@ class Measurements:
     runs: dict[tuple[str, int], list[rig.WrkResult]] = field(default_factory=dict)
     # leg -> why it stopped being measured
     failures: dict[str, str] = field(default_factory=dict)
-
-
-def _progress(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
 
 
 # -- the Python servers (``--serve``) ---------------------------------------
@@ -121,31 +112,16 @@ def _serve(kind: str, port: int) -> int:
 # -- legs -------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Leg:
-    """A started leg: where to send requests and the process behind it."""
-
-    name: str
-    url: str
-    proc: rig.Proc
-
-    def failure(self, what: str) -> str:
-        """``what`` went wrong, then the end of this leg's log."""
-        return f"{what}\nlog {self.proc.log_path}:\n{self.proc.log_tail()}"
-
-
 def _start_leg(
     name: str, plan: rig.CpuPlan, stack: contextlib.ExitStack, workdir: Path
-) -> Leg:
+) -> rig.Leg:
     (port,) = rig.free_ports(1)
     if name == "nginx":
         prefix = workdir / "nginx"
         config = rig.nginx_origin_config(prefix, port, upstream.FIXED_BODY.decode())
         proc = rig.start_nginx("nginx", prefix, config, port=port, cpu=plan.proxy_cpu)
     else:
-        python = rig.REPO / ".venv" / "bin" / "python"
-        interpreter = str(python) if python.exists() else sys.executable
-        argv = [interpreter, "-m", "bench.bench_server", "--serve", name]
+        argv = [rig.python_path(), "-m", "bench.bench_server", "--serve", name]
         proc = rig.start_ready(
             name,
             [*argv, "--port", str(port)],
@@ -155,83 +131,65 @@ def _start_leg(
             line=READY_LINE,
         )
     stack.callback(rig.stop_process, proc)
-    leg = Leg(name, f"http://{rig.LOOPBACK}:{port}{upstream.JSON_PATH}", proc)
+    leg = rig.Leg(name, f"http://{rig.LOOPBACK}:{port}{upstream.JSON_PATH}", proc)
     _check_body(leg)
     return leg
 
 
-def _check_body(leg: Leg) -> None:
+def _check_body(leg: rig.Leg) -> None:
     """The leg must answer the fixed body, or its figures mean nothing."""
     try:
-        with urllib.request.urlopen(leg.url, timeout=5) as response:
-            status, body = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        status, body = exc.code, exc.read()
-    except OSError as exc:
-        raise rig.RigError(leg.failure(f"GET {leg.url} failed: {exc}")) from exc
-    if status != 200 or body != upstream.FIXED_BODY:
-        raise rig.RigError(
-            leg.failure(f"GET {leg.url} answered {status} {body[:200]!r}")
-        )
+        rig.fetch(leg.url, expect=upstream.FIXED_BODY)
+    except rig.RigError as exc:
+        raise rig.RigError(leg.failure(str(exc))) from exc
 
 
 def _measure(
     settings: Settings, plan: rig.CpuPlan, workdir: Path, found: Measurements
 ) -> None:
     with contextlib.ExitStack() as stack:
-        legs: dict[str, Leg] = {}
+        legs: dict[str, rig.Leg] = {}
         for name in settings.legs:
             try:
                 legs[name] = _start_leg(name, plan, stack, workdir)
             except rig.RigError as exc:
                 _fail(found, name, str(exc))
-        for name in list(legs):
-            _run_point(
-                settings, plan, found, legs, name, WARMUP_CONNECTIONS, warmup=True
-            )
-        # Repeats outermost, legs innermost: drift on a shared machine then
-        # lands on every leg alike instead of on whichever ran last.
-        for repeat in range(settings.repeats):
-            for connections in settings.concurrencies:
-                for name in list(legs):
-                    _run_point(settings, plan, found, legs, name, connections)
-            _progress(f"repeat {repeat + 1}/{settings.repeats} done")
+
+        def point(name: str, connections: int, warmup: bool) -> None:
+            _run_point(settings, plan, found, legs, name, connections, warmup)
+
+        rig.run_interleaved(legs, settings.concurrencies, settings.repeats, point)
 
 
 def _run_point(
     settings: Settings,
     plan: rig.CpuPlan,
     found: Measurements,
-    legs: dict[str, Leg],
+    legs: dict[str, rig.Leg],
     name: str,
     connections: int,
-    *,
-    warmup: bool = False,
+    warmup: bool,
 ) -> None:
     """One wrk run; a leg whose run fails is dropped from ``legs``."""
-    try:
-        result = rig.run_wrk(
-            legs[name].url,
-            connections=connections,
-            duration_s=settings.warmup_s if warmup else settings.duration_s,
-            cpu=plan.load_cpu,
-        )
-    except rig.RigError as exc:
-        _fail(found, name, legs.pop(name).failure(str(exc)))
-        return
-    if warmup:
+    duration_s = settings.warmup_s if warmup else settings.duration_s
+    result = rig.run_point(
+        legs,
+        name,
+        "",
+        connections,
+        duration_s=duration_s,
+        cpu=plan.load_cpu,
+        fail=lambda leg, reason: _fail(found, leg, reason),
+    )
+    if result is None or warmup:
         return
     found.runs.setdefault((name, connections), []).append(result)
-    _progress(
-        f"{name:8} c={connections:<3} {rig.fmt_rate(result.requests_per_s):>9} req/s"
-        f"  p50 {rig.fmt_latency(result.p50_s)}  p99 {rig.fmt_latency(result.p99_s)}"
-        + (f"  errors {result.errors}" if result.errors else "")
-    )
+    rig.progress(rig.wrk_line(name, connections, result))
 
 
 def _fail(found: Measurements, leg: str, reason: str) -> None:
     found.failures[leg] = reason
-    _progress(f"FAILED {leg}: {reason}")
+    rig.progress(f"FAILED {leg}: {reason}")
 
 
 # -- records and the report -------------------------------------------------
@@ -252,10 +210,7 @@ def _records(settings: Settings, found: Measurements) -> list[Record]:
                     "kind": "http",
                     "leg": leg,
                     "concurrency": connections,
-                    "requests_per_s": rig.median([r.requests_per_s for r in runs]),
-                    "p50_us": rig.median([r.p50_s * 1e6 for r in runs]),
-                    "p99_us": rig.median([r.p99_s * 1e6 for r in runs]),
-                    "errors": sum(r.errors for r in runs),
+                    **rig.wrk_medians(runs),
                     "runs": [
                         {
                             "requests_per_s": r.requests_per_s,
@@ -267,22 +222,13 @@ def _records(settings: Settings, found: Measurements) -> list[Record]:
                     ],
                 }
             )
-        for base in ("nginx", "aiohttp"):
-            other = next((r for r in group if r["leg"] == base), None)
-            for record in group:
-                for name in ("requests_per_s", "p50_us"):
-                    value = other[name] if other else None
-                    record[f"{name}_vs_{base}"] = rig.ratio(record[name], value)
+        rig.add_ratios(group, ("requests_per_s", "p50_us"), ("nginx", "aiohttp"))
         records += group
     return records
 
 
 COLUMNS: Final[Sequence[rig.Column]] = (
-    ("leg", "leg", rig.fmt_plain),
-    ("conns", "concurrency", rig.fmt_plain),
-    ("req/s", "requests_per_s", rig.fmt_rate),
-    ("p50", "p50_us", rig.fmt_us),
-    ("p99", "p99_us", rig.fmt_us),
+    *rig.wrk_columns(),
     ("errors", "errors", rig.fmt_plain),
     ("req/s vs nginx", "requests_per_s_vs_nginx", rig.fmt_ratio),
     ("req/s vs aiohttp", "requests_per_s_vs_aiohttp", rig.fmt_ratio),
@@ -305,40 +251,22 @@ def _print_report(
     )
     print(rig.format_records(records, COLUMNS))
     failures = [
-        {"bench": "server", "kind": "failure", "leg": leg, "reason": reason}
+        rig.failure_record("server", leg, reason)
         for leg, reason in found.failures.items()
     ]
-    if failures:
-        print("\nfailed legs")
-        for failure in failures:
-            print(f"  {failure['leg']}: {str(failure['reason']).splitlines()[0]}")
     setup = {
         "bench": "server",
         "kind": "setup",
         "legs": list(settings.legs),
         "concurrencies": list(settings.concurrencies),
-        "duration_s": settings.duration_s,
-        "repeats": settings.repeats,
-        "proxy_cpu": plan.proxy_cpu,
-        "load_cpu": plan.load_cpu,
-        "loadavg": list(os.getloadavg()),
+        **rig.run_fields(plan, settings.duration_s, settings.repeats),
     }
-    everything = [setup, *records, *failures]
-    print()
-    for record in everything:
-        print(rig.json_line(record))
-    if json_path is not None:
-        rig.write_json_lines(json_path, everything)
-        print(f"wrote {len(everything)} JSON lines to {json_path}")
-    print(rig.rerun_line("bench.bench_server", argv))
-    return 1 if failures else 0
+    return rig.finish_report(
+        "server", [setup, *records], failures, (), json_path=json_path, argv=argv
+    )
 
 
 # -- command line -----------------------------------------------------------
-
-
-def _parse_list(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
 def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
@@ -349,44 +277,24 @@ def _parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--quick", action="store_true", help="short runs, one repeat")
     parser.add_argument("--only", default=",".join(LEGS), help="legs, e.g. lean,nginx")
     parser.add_argument("--concurrency", default="1,64", help="wrk connections")
-    parser.add_argument("--duration-s", type=float, help="seconds per wrk run (5)")
-    parser.add_argument("--repeats", type=int, help="runs per point, median kept (3)")
-    parser.add_argument(
-        "--one-core", action="store_true", help="run the server on the load CPU too"
-    )
-    parser.add_argument("--json", type=Path, help="also write the JSON lines here")
+    rig.add_length_args(parser)
+    rig.add_layout_args(parser, one_core_help="run the server on the load CPU too")
     # One Python leg in the foreground (how the benchmark starts its legs).
     parser.add_argument("--serve", choices=PYTHON_LEGS, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve and not args.port:
         parser.error("--serve needs --port")
-    legs = _parse_list(args.only)
-    if not legs or set(legs) - set(LEGS):
-        parser.error(f"--only takes {','.join(LEGS)}; got {args.only!r}")
-    try:
-        concurrencies = tuple(int(c) for c in _parse_list(args.concurrency))
-    except ValueError:
-        parser.error(
-            f"--concurrency takes numbers such as 1,64; got {args.concurrency!r}"
-        )
-    if not concurrencies or min(concurrencies) < 1:
-        parser.error("--concurrency needs at least one number >= 1")
+    duration_s, repeats = rig.run_length(args)
     settings = Settings(
-        legs=tuple(leg for leg in LEGS if leg in legs),
-        concurrencies=concurrencies,
-        duration_s=args.duration_s or (2.0 if args.quick else 5.0),
-        warmup_s=1.0,
-        repeats=max(1, args.repeats or (1 if args.quick else 3)),
+        legs=rig.legs_arg(parser, args.only, LEGS),
+        concurrencies=rig.concurrencies_arg(parser, args.concurrency, "1,64"),
+        duration_s=duration_s,
+        warmup_s=rig.WARMUP_S,
+        repeats=repeats,
         one_core=args.one_core,
     )
     return args, settings
-
-
-def _raise_exit(signum: int, frame: FrameType | None) -> None:
-    # SIGTERM (from run_all's budget) unwinds the ExitStack, which stops
-    # every process this run started.
-    raise SystemExit(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -394,10 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, settings = _parse_args(argv)
     if args.serve:
         return _serve(args.serve, args.port)
-    signal.signal(signal.SIGTERM, _raise_exit)
-    plan = rig.plan_cpus(one_core=settings.one_core)
-    rig.pin_self(plan.load_cpu)
-    _progress(plan.describe())
+    plan = rig.begin_run(one_core=settings.one_core)
     found = Measurements()
     with tempfile.TemporaryDirectory(prefix="bench-server-") as tmp:
         try:

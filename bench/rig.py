@@ -1,27 +1,40 @@
-"""The benchmark rig: processes, ports, pinning, nginx configs, wrk and tables.
+"""The benchmark rig: processes, ports, pinning, nginx configs, wrk and reports.
 
 Owns what every ``bench/bench_*.py`` script shares: starting a process pinned
 to a CPU and stopping it by PID, free loopback ports, the generated nginx
-configs (a fixed-body origin and a keep-alive reverse proxy), running ``wrk``
-and parsing its report, medians and percentiles, and the plain-text tables
-and JSON lines the scripts print. Not here: what a benchmark measures (the
-``bench_*.py`` scripts) or the Python upstream (``bench/upstream.py``).
+configs (a fixed-body origin and a keep-alive reverse proxy), starting the
+sidecar from a command template, running ``wrk`` (optionally with a Lua
+script) and parsing its report, the interleaved warm-up-then-repeats order
+of wrk runs, one-shot HTTP checks, medians and percentiles, and the run's
+frame: SIGTERM turned into ``SystemExit``, progress on stderr, the common
+flags (``--quick``, ``--duration-s``, ``--repeats``, ``--only``,
+``--concurrency``, ``--sidecar-cmd``, ``--one-core``, ``--json``), legs,
+records and their ratios, targets (``Verdict``), failed legs, the plain-text
+tables and the report's tail (JSON lines, ``--json`` file, ``rerun with:``
+line, exit status). Not here: what a benchmark measures, its targets and
+thresholds (the ``bench_*.py`` scripts) or the Python upstream
+(``bench/upstream.py``).
 
 Invariants: every process is started by ``start_process`` and ended by
 ``stop_process`` with its own PID, never by name; a child is exec'd through
 ``taskset`` so the PID we hold is the program's own. Every wait is bounded by
 a deadline. nginx runs from a private prefix directory (config, pid file,
 error log and temp paths all inside it) and never reads ``/etc/nginx``.
+Progress goes to stderr and the report to stdout, so the JSON lines can be
+read from stdout alone.
 
 Known limitations: nginx is stopped through its master PID only; if the master
 is killed with SIGKILL after ignoring SIGTERM, its worker is left to notice
 the closed channel and exit on its own. Pinning needs ``taskset`` and two
 allowed CPUs; with fewer, everything runs unpinned and the scripts say so,
-and the proxy then competes with the load generator for CPU.
+and the proxy then competes with the load generator for CPU. The module
+holds several nouns (processes, wrk, reports); it is one file so that each
+script imports one rig.
 """
-
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import math
 import os
@@ -34,10 +47,14 @@ import statistics
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from types import FrameType
+from typing import Any, Final, Literal
 
 REPO: Final = Path(__file__).resolve().parent.parent
 LOOPBACK: Final = "127.0.0.1"
@@ -51,6 +68,18 @@ WRK_TIMEOUT_S: Final = 5
 # requests per connection would make every run measure reconnects too.
 KEEPALIVE_REQUESTS: Final = 1_000_000
 LOG_TAIL_LINES: Final = 15
+# wrk connections of the untimed run that warms every leg before measuring.
+WARMUP_CONNECTIONS: Final = 16
+WARMUP_S: Final = 1.0
+DEFAULT_SIDECAR_CMD: Final = (
+    "{python} -m sidecar serve --upstream {upstream} --listen 127.0.0.1:{port}"
+    " --admin-listen 127.0.0.1:{admin_port} --data-dir {data_dir}"
+)
+SIDECAR_READY_LINE: Final = "sidecar.listening"
+SIDECAR_START_TIMEOUT_S: Final = 30.0
+
+# One measurement, target or failure, ready for ``json_line``.
+Record = dict[str, Any]
 
 
 class RigError(Exception):
@@ -281,6 +310,49 @@ def _log_message(proc: Proc, what: str) -> str:
     return f"{proc.name} {what}: {last or 'no output'}\nlog {proc.log_path}:\n{tail}"
 
 
+def python_path() -> str:
+    """The project's virtualenv interpreter, or this one when there is none."""
+    python = REPO / ".venv" / "bin" / "python"
+    return str(python) if python.exists() else sys.executable
+
+
+def start_sidecar(
+    template: str,
+    upstream_port: int,
+    home: Path,
+    *,
+    cpu: int | None,
+    stack: ExitStack,
+) -> tuple[str, Proc]:
+    """The sidecar (``template``, see ``--sidecar-cmd``) before ``upstream_port``.
+
+    Its data directory and log live in ``home``; it counts as ready when it
+    logs ``SIDECAR_READY_LINE`` or accepts, and ``stack`` stops it. Returns
+    its base URL and its process.
+    """
+    port, admin_port = free_ports(2)
+    data_dir = home / "data"
+    data_dir.mkdir(parents=True)
+    fields = {
+        "python": python_path(),
+        "upstream": f"http://{LOOPBACK}:{upstream_port}",
+        "port": port,
+        "admin_port": admin_port,
+        "data_dir": str(data_dir),
+    }
+    proc = start_ready(
+        "sidecar",
+        command_from_template(template, fields),
+        log_path=home / "stderr.log",
+        cpu=cpu,
+        port=port,
+        line=SIDECAR_READY_LINE,
+        timeout_s=SIDECAR_START_TIMEOUT_S,
+    )
+    stack.callback(stop_process, proc)
+    return f"http://{LOOPBACK}:{port}", proc
+
+
 # -- nginx ----------------------------------------------------------------
 
 
@@ -447,8 +519,14 @@ def parse_wrk(text: str) -> WrkResult:
     )
 
 
-def wrk_argv(url: str, *, connections: int, duration_s: float) -> list[str]:
-    """One wrk thread (the load has one CPU), ``connections`` connections."""
+def wrk_argv(
+    url: str, *, connections: int, duration_s: float, script: Path | None = None
+) -> list[str]:
+    """One wrk thread (the load has one CPU), ``connections`` connections.
+
+    ``script`` is a Lua file wrk runs to build its requests (a POST body).
+    """
+    script_args = [] if script is None else ["-s", str(script)]
     return [
         WRK,
         "-t1",
@@ -456,15 +534,24 @@ def wrk_argv(url: str, *, connections: int, duration_s: float) -> list[str]:
         f"-d{max(1, round(duration_s))}s",
         f"--timeout={WRK_TIMEOUT_S}s",
         "--latency",
+        *script_args,
         url,
     ]
 
 
 def run_wrk(
-    url: str, *, connections: int, duration_s: float, cpu: int | None
+    url: str,
+    *,
+    connections: int,
+    duration_s: float,
+    cpu: int | None,
+    script: Path | None = None,
 ) -> WrkResult:
-    """Run wrk against ``url`` on ``cpu`` and parse its report."""
-    argv = pinned(wrk_argv(url, connections=connections, duration_s=duration_s), cpu)
+    """Run wrk against ``url`` on ``cpu`` (with Lua ``script``), parse its report."""
+    command = wrk_argv(
+        url, connections=connections, duration_s=duration_s, script=script
+    )
+    argv = pinned(command, cpu)
     try:
         done = subprocess.run(
             argv, capture_output=True, text=True, timeout=duration_s + 30, check=False
@@ -474,6 +561,144 @@ def run_wrk(
     if done.returncode != 0:
         raise RigError(f"wrk exited {done.returncode}: {done.stderr.strip()}")
     return parse_wrk(done.stdout)
+
+
+def wrk_line(
+    name: str, connections: int, result: WrkResult, unit: str = "req/s"
+) -> str:
+    """One wrk run as a progress line: leg, connections, rate, p50, p99, errors."""
+    return (
+        f"{name:8} c={connections:<3} {fmt_rate(result.requests_per_s):>9} {unit}"
+        f"  p50 {fmt_latency(result.p50_s)}  p99 {fmt_latency(result.p99_s)}"
+        + (f"  errors {result.errors}" if result.errors else "")
+    )
+
+
+def wrk_medians(runs: Sequence[WrkResult]) -> Record:
+    """Requests per second, p50 and p99 (us): medians of ``runs``; errors summed."""
+    return {
+        "requests_per_s": median([r.requests_per_s for r in runs]),
+        "p50_us": median([r.p50_s * 1e6 for r in runs]),
+        "p99_us": median([r.p99_s * 1e6 for r in runs]),
+        "errors": sum(r.errors for r in runs),
+    }
+
+
+def run_point(
+    legs: dict[str, Leg],
+    name: str,
+    path: str,
+    connections: int,
+    *,
+    duration_s: float,
+    cpu: int | None,
+    fail: Callable[[str, str], None],
+    script: Path | None = None,
+) -> WrkResult | None:
+    """One wrk run against leg ``name`` at its URL plus ``path``; None if it failed.
+
+    A leg whose run fails is dropped from ``legs``, and ``fail(leg, reason)``
+    hears why, with the end of the leg's logs.
+    """
+    try:
+        return run_wrk(
+            legs[name].url + path,
+            connections=connections,
+            duration_s=duration_s,
+            cpu=cpu,
+            script=script,
+        )
+    except RigError as exc:
+        fail(name, legs.pop(name).failure(str(exc)))
+        return None
+
+
+def run_interleaved(
+    legs: Mapping[str, object],
+    concurrencies: Sequence[int],
+    repeats: int,
+    run: Callable[[str, int, bool], None],
+    *,
+    label: str = "",
+) -> None:
+    """Warm every leg once, then ``run(leg, connections, warmup)`` for each point.
+
+    Repeats outermost, legs innermost: drift on a shared machine then lands
+    on every leg alike instead of on whichever ran last. ``run`` may drop a
+    failed leg from ``legs``; the legs are read again before every round.
+    """
+    for name in list(legs):
+        run(name, WARMUP_CONNECTIONS, True)
+    for repeat in range(repeats):
+        for connections in concurrencies:
+            for name in list(legs):
+                run(name, connections, False)
+        progress(f"{label}repeat {repeat + 1}/{repeats} done")
+
+
+# -- legs and one-shot requests ----------------------------------------------
+
+
+@dataclass(frozen=True)
+class Leg:
+    """A started leg: where to send requests and the process behind it.
+
+    ``proc`` is None for a leg the benchmark talks to directly; nginx
+    reports request failures in ``error_log``, not on its stderr.
+    """
+
+    name: str
+    url: str
+    proc: Proc | None
+    error_log: Path | None = None
+
+    def failure(self, what: str) -> str:
+        """``what`` went wrong, then the end of this leg's logs if it has any."""
+        if self.proc is None:
+            return what
+        text = f"{what}\nlog {self.proc.log_path}:\n{self.proc.log_tail()}"
+        if self.error_log is not None and self.error_log.exists():
+            lines = self.error_log.read_text(errors="replace").splitlines()
+            tail = "\n".join(lines[-LOG_TAIL_LINES:])
+            text += f"\nlog {self.error_log}:\n{tail}"
+        return text
+
+    def cpu_seconds(self) -> float:
+        """CPU time of the leg's processes so far; 0 without a process."""
+        return 0.0 if self.proc is None else cpu_seconds(self.proc.pid)
+
+
+def fetch(
+    url: str,
+    *,
+    method: str = "GET",
+    data: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+    expect: bytes | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request: status, lower-cased headers and body, error statuses too.
+
+    With ``expect``, anything but a 200 with exactly that body raises
+    ``RigError``, as does a request that cannot be sent.
+    """
+    request = urllib.request.Request(
+        url, data=data, method=method, headers=dict(headers or {})
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            status, got, body = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as exc:
+        status, got, body = exc.code, exc.headers, exc.read()
+    except OSError as exc:
+        raise RigError(f"{method} {url} failed: {exc}") from exc
+    check_answer(f"{method} {url}", status, body, expect)
+    return status, {name.lower(): value for name, value in got.items()}, body
+
+
+def check_answer(what: str, status: int, body: bytes, expect: bytes | None) -> None:
+    """``RigError`` unless ``what`` got a 200 with body ``expect`` (None: any)."""
+    if expect is not None and (status != 200 or body != expect):
+        raise RigError(f"{what} answered {status} {body[:200]!r}")
 
 
 # -- statistics -------------------------------------------------------------
@@ -531,6 +756,17 @@ def fmt_plain(value: object) -> str:
 
 # A table column: header, record field, and how to show the field's value.
 Column = tuple[str, str, Callable[[Any], str]]
+
+
+def wrk_columns(rate: str = "req/s") -> tuple[Column, ...]:
+    """The first columns of a wrk table: leg, connections, rate, p50, p99."""
+    return (
+        ("leg", "leg", fmt_plain),
+        ("conns", "concurrency", fmt_plain),
+        (rate, "requests_per_s", fmt_rate),
+        ("p50", "p50_us", fmt_us),
+        ("p99", "p99_us", fmt_us),
+    )
 
 
 def format_records(
@@ -597,3 +833,213 @@ def rerun_line(module: str, argv: Sequence[str]) -> str:
     interpreter = ".venv/bin/python" if python.exists() else sys.executable
     command = shlex.join([interpreter, "-m", module, *argv])
     return f"rerun with: cd {shlex.quote(str(REPO))} && {command}"
+
+
+# -- the run ------------------------------------------------------------------
+
+
+def progress(text: str) -> None:
+    """``text`` on stderr at once, apart from the report on stdout."""
+    print(text, file=sys.stderr, flush=True)
+
+
+def raise_exit(signum: int, frame: FrameType | None) -> None:
+    """A signal handler that raises ``SystemExit(128 + signum)``.
+
+    SIGTERM (from run_all's budget) then unwinds the ExitStacks, which stop
+    every process the run started.
+    """
+    raise SystemExit(128 + signum)
+
+
+def begin_run(*, one_core: bool, sidecar_cmd: str | None = None) -> CpuPlan:
+    """Trap SIGTERM, plan the CPUs, pin this process to the load CPU, say so.
+
+    ``sidecar_cmd``, for a run with a sidecar leg, is announced too.
+    """
+    signal.signal(signal.SIGTERM, raise_exit)
+    plan = plan_cpus(one_core=one_core)
+    pin_self(plan.load_cpu)
+    progress(plan.describe())
+    if sidecar_cmd is not None:
+        progress(f"sidecar command: {sidecar_cmd}")
+    return plan
+
+
+def run_fields(plan: CpuPlan, duration_s: float, repeats: int) -> Record:
+    """The setup fields every wrk benchmark records: run length, CPUs, load."""
+    return {
+        "duration_s": duration_s,
+        "repeats": repeats,
+        "proxy_cpu": plan.proxy_cpu,
+        "load_cpu": plan.load_cpu,
+        "loadavg": list(os.getloadavg()),
+    }
+
+
+def sidecar_fields(sidecar_cmd: str) -> Record:
+    """The setup fields of a run with a sidecar leg: its command, its log level."""
+    return {
+        "sidecar_cmd": sidecar_cmd,
+        "sidecar_log_level": os.environ.get("SIDECAR_LOG_LEVEL"),
+    }
+
+
+# -- command line ---------------------------------------------------------------
+
+
+def add_length_args(parser: argparse.ArgumentParser) -> None:
+    """``--duration-s`` and ``--repeats``; ``run_length`` reads them."""
+    parser.add_argument("--duration-s", type=float, help="seconds per wrk run (5)")
+    parser.add_argument("--repeats", type=int, help="runs per point, median kept (3)")
+
+
+def run_length(args: argparse.Namespace) -> tuple[float, int]:
+    """Seconds per wrk run and repeats: as given, else 2 s x 1 quick, 5 s x 3."""
+    duration_s = args.duration_s or (2.0 if args.quick else 5.0)
+    repeats = max(1, args.repeats or (1 if args.quick else 3))
+    return duration_s, repeats
+
+
+def add_sidecar_cmd_arg(parser: argparse.ArgumentParser) -> None:
+    """``--sidecar-cmd``: the template ``start_sidecar`` fills."""
+    parser.add_argument(
+        "--sidecar-cmd",
+        default=DEFAULT_SIDECAR_CMD,
+        help="command for the sidecar leg; fields: {python} {upstream} {port} "
+        "{admin_port} {data_dir}",
+    )
+
+
+def add_layout_args(
+    parser: argparse.ArgumentParser,
+    *,
+    one_core_help: str = "run the proxy on the load CPU too (no cross-CPU wake-ups)",
+) -> None:
+    """``--one-core`` (see ``plan_cpus``) and ``--json FILE``."""
+    parser.add_argument("--one-core", action="store_true", help=one_core_help)
+    parser.add_argument("--json", type=Path, help="also write the JSON lines here")
+
+
+def parse_list(text: str) -> tuple[str, ...]:
+    """The non-empty comma-separated parts of ``text``, stripped."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def legs_arg(
+    parser: argparse.ArgumentParser, text: str, known: Sequence[str]
+) -> tuple[str, ...]:
+    """The legs ``--only`` names, in ``known`` order; a parser error otherwise."""
+    legs = parse_list(text)
+    if not legs or set(legs) - set(known):
+        parser.error(f"--only takes {','.join(known)}; got {text!r}")
+    return tuple(leg for leg in known if leg in legs)
+
+
+def concurrencies_arg(
+    parser: argparse.ArgumentParser, text: str, example: str
+) -> tuple[int, ...]:
+    """The connection counts ``--concurrency`` names; a parser error otherwise."""
+    try:
+        concurrencies = tuple(int(c) for c in parse_list(text))
+    except ValueError:
+        parser.error(f"--concurrency takes numbers such as {example}; got {text!r}")
+    if not concurrencies or min(concurrencies) < 1:
+        parser.error("--concurrency needs at least one number >= 1")
+    return concurrencies
+
+
+# -- records, targets and the report -------------------------------------------
+
+Result = Literal["PASS", "FAIL", "SKIP"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One target: ``PASS``, ``FAIL`` or ``SKIP`` (could not be judged)."""
+
+    target: str
+    result: Result
+    detail: str
+
+    def record(self, bench: str) -> Record:
+        return {"bench": bench, "kind": "target", **dataclasses.asdict(self)}
+
+
+def verdict(target: str, passed: bool, detail: str) -> Verdict:
+    """``PASS`` when ``passed``, else ``FAIL``."""
+    return Verdict(target, "PASS" if passed else "FAIL", detail)
+
+
+def find(records: Sequence[Record], **match: Any) -> Record | None:
+    """The first record whose fields equal ``match``."""
+    for record in records:
+        if all(record.get(k) == v for k, v in match.items()):
+            return record
+    return None
+
+
+def add_ratios(
+    records: Sequence[Record],
+    fields: Sequence[str],
+    bases: Sequence[str],
+    **same: Any,
+) -> None:
+    """Add ``<field>_vs_<base>`` to the records matching ``same``.
+
+    The base is the matching record of leg ``base``; without one the ratio
+    is None.
+    """
+    group = [r for r in records if all(r.get(k) == v for k, v in same.items())]
+    for base in bases:
+        other = find(group, leg=base)
+        for record in group:
+            for name in fields:
+                value = other[name] if other else None
+                record[f"{name}_vs_{base}"] = ratio(record[name], value)
+
+
+def failure_record(
+    bench: str, leg: str, reason: str, scenario: str | None = None
+) -> Record:
+    """Why ``leg`` (``all``: the whole run) stopped being measured."""
+    where = {"leg": leg} if scenario is None else {"leg": leg, "scenario": scenario}
+    return {"bench": bench, "kind": "failure", **where, "reason": reason}
+
+
+def finish_report(
+    bench: str,
+    measured: Sequence[Record],
+    failures: Sequence[Record],
+    verdicts: Sequence[Verdict],
+    *,
+    json_path: Path | None,
+    argv: Sequence[str],
+) -> int:
+    """Print failed legs, targets, JSON lines and the rerun line; the exit status.
+
+    Every record goes to stdout, one JSON line each (measurements, then
+    failures, then targets), and to ``json_path`` when given. The status is
+    1 when a leg failed or a target failed.
+    """
+    if failures:
+        print("\nfailed legs")
+        for failure in failures:
+            scenario = failure.get("scenario")
+            where = failure["leg"] + (f" ({scenario})" if scenario else "")
+            print(f"  {where}: {str(failure['reason']).splitlines()[0]}")
+    if verdicts:
+        print("\ntargets for the sidecar")
+        for target in verdicts:
+            print(f"{target.result} {target.target}: {target.detail}")
+
+    records = [*measured, *failures, *(v.record(bench) for v in verdicts)]
+    print()
+    for record in records:
+        print(json_line(record))
+    if json_path is not None:
+        write_json_lines(json_path, records)
+        print(f"wrote {len(records)} JSON lines to {json_path}")
+    print(rerun_line(f"bench.bench_{bench}", argv))
+    failed = bool(failures) or any(v.result == "FAIL" for v in verdicts)
+    return 1 if failed else 0

@@ -1,13 +1,17 @@
-"""The benchmark rig's parsing and generated configs (``bench/rig.py``).
+"""The benchmark rig's parsing, generated configs and report helpers.
 
-Fast and offline: wrk reports are fixed text, nginx is only asked to check
-a config (``nginx -t``), CPU accounting is checked on short-lived local
-processes, and no benchmark is run.
+Covers ``bench/rig.py``. Fast and offline: wrk reports are fixed text, nginx
+is only asked to check a config (``nginx -t``), CPU accounting is checked on
+short-lived local processes, records and reports are built from fixed
+values, and no benchmark is run.
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -345,3 +349,251 @@ def test_rig_cpu_seconds_of_a_gone_process_is_zero() -> None:
     finished = subprocess.Popen([sys.executable, "-c", "pass"])
     finished.wait(timeout=10)
     assert rig.cpu_seconds(finished.pid) == 0.0
+
+
+def _wrk(rps: float, p50_s: float, p99_s: float, errors: int = 0) -> rig.WrkResult:
+    return rig.WrkResult(rps, p50_s, p99_s, 100, errors, 0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bench")
+    parser.add_argument("--quick", action="store_true")
+    rig.add_length_args(parser)
+    return parser
+
+
+def test_wrk_argv_script_goes_before_the_url() -> None:
+    """A Lua script is passed with -s, and the URL stays the last word."""
+    argv = rig.wrk_argv(
+        "http://127.0.0.1:1/x", connections=1, duration_s=1, script=Path("p.lua")
+    )
+
+    assert argv[-3:] == ["-s", "p.lua", "http://127.0.0.1:1/x"]
+
+
+def test_wrk_line_shows_rate_latency_and_only_nonzero_errors() -> None:
+    """The progress line names the leg, rate and percentiles; errors only if any."""
+    clean = rig.wrk_line("nginx", 1, _wrk(9692.0, 98e-6, 256e-6))
+    dirty = rig.wrk_line("sidecar", 64, _wrk(5.0, 1.2e-3, 2.5, 3), unit="hits/s")
+
+    assert clean == "nginx    c=1       9,692 req/s  p50 98 us  p99 256 us"
+    assert dirty.endswith("5 hits/s  p50 1.20 ms  p99 2.50 s  errors 3")
+
+
+def test_wrk_medians_take_medians_and_sum_errors() -> None:
+    """Rate and percentiles are medians over runs (in us); errors add up."""
+    runs = [_wrk(1.0, 1e-6, 4e-6, 1), _wrk(3.0, 3e-6, 2e-6), _wrk(2.0, 2e-6, 3e-6, 2)]
+
+    assert rig.wrk_medians(runs) == pytest.approx(
+        {"requests_per_s": 2.0, "p50_us": 2.0, "p99_us": 3.0, "errors": 3}
+    )
+
+
+def test_run_interleaved_warms_then_repeats_outermost() -> None:
+    """Every leg warms once; then per repeat, per concurrency, every leg runs."""
+    calls: list[tuple[str, int, bool]] = []
+    legs = {"a": None, "b": None}
+
+    rig.run_interleaved(legs, (1, 64), 2, lambda *call: calls.append(call))
+
+    warm = [("a", rig.WARMUP_CONNECTIONS, True), ("b", rig.WARMUP_CONNECTIONS, True)]
+    one_repeat = [("a", 1, False), ("b", 1, False), ("a", 64, False), ("b", 64, False)]
+    assert calls == warm + one_repeat + one_repeat
+
+
+def test_run_interleaved_skips_a_leg_dropped_midway() -> None:
+    """A leg the run callback drops from ``legs`` is not run again."""
+    calls: list[tuple[str, int]] = []
+    legs = {"a": None, "b": None}
+
+    def run(name: str, connections: int, warmup: bool) -> None:
+        calls.append((name, connections))
+        if name == "a" and connections == 1:
+            legs.pop("a")
+
+    rig.run_interleaved(legs, (1, 64), 1, run)
+
+    assert calls[2:] == [("a", 1), ("b", 1), ("b", 64)]
+
+
+def test_leg_failure_without_process_is_the_reason_alone() -> None:
+    """A leg with no process of its own (direct) has no log to add."""
+    leg = rig.Leg("direct", "http://127.0.0.1:1", None)
+
+    assert leg.failure("GET failed") == "GET failed"
+    assert leg.cpu_seconds() == 0.0
+
+
+def test_leg_failure_appends_its_log_and_error_log(tmp_path: Path) -> None:
+    """The reason is followed by the end of the process log and the error log."""
+    finished = subprocess.Popen([sys.executable, "-c", "pass"])
+    finished.wait(timeout=10)
+    (tmp_path / "stderr.log").write_text("started\ncrashed\n")
+    (tmp_path / "error.log").write_text("upstream reset\n")
+    proc = rig.Proc("nginx", finished, tmp_path / "stderr.log")
+    leg = rig.Leg("nginx", "http://127.0.0.1:1", proc, tmp_path / "error.log")
+
+    text = leg.failure("wrk exited 1")
+
+    assert text.splitlines()[0] == "wrk exited 1"
+    assert "started\ncrashed" in text
+    assert text.endswith(f"log {tmp_path / 'error.log'}:\nupstream reset")
+
+
+def test_check_answer_wrong_body_raises_with_status() -> None:
+    """Only a 200 with the expected body passes; anything else names the answer."""
+    rig.check_answer("GET /x", 200, b"ok", b"ok")
+    rig.check_answer("GET /x", 500, b"no", None)
+
+    with pytest.raises(rig.RigError, match=r"GET /x answered 502 b'bad'"):
+        rig.check_answer("GET /x", 502, b"bad", b"ok")
+
+
+def test_raise_exit_turns_a_signal_into_system_exit() -> None:
+    """SIGTERM becomes SystemExit(128 + 15), so ExitStacks unwind."""
+    with pytest.raises(SystemExit) as stopped:
+        rig.raise_exit(signal.SIGTERM, None)
+
+    assert stopped.value.code == 128 + signal.SIGTERM
+
+
+@pytest.mark.parametrize(
+    ("argv", "length"),
+    [
+        ([], (5.0, 3)),
+        (["--quick"], (2.0, 1)),
+        (["--quick", "--duration-s", "7", "--repeats", "4"], (7.0, 4)),
+        (["--repeats", "0"], (5.0, 3)),
+    ],
+)
+def test_run_length_defaults_depend_on_quick(
+    argv: list[str], length: tuple[float, int]
+) -> None:
+    """Unset length flags default to 5 s x 3, or 2 s x 1 with --quick."""
+    assert rig.run_length(_parser().parse_args(argv)) == length
+
+
+def test_legs_arg_keeps_the_known_order() -> None:
+    """--only may name legs in any order; they run in the known order."""
+    legs = rig.legs_arg(_parser(), " sidecar,direct ", ("direct", "nginx", "sidecar"))
+
+    assert legs == ("direct", "sidecar")
+
+
+@pytest.mark.parametrize("text", ["direct,bogus", ",", ""])
+def test_legs_arg_unknown_or_none_is_a_usage_error(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unknown leg, or none at all, stops with a usage error naming --only."""
+    with pytest.raises(SystemExit):
+        rig.legs_arg(_parser(), text, ("direct", "nginx"))
+
+    assert "--only takes direct,nginx" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text", ["1,x", "0", " , "])
+def test_concurrencies_arg_bad_list_is_a_usage_error(
+    text: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Connection counts must be numbers, at least one, each >= 1."""
+    with pytest.raises(SystemExit):
+        rig.concurrencies_arg(_parser(), text, "1,64")
+
+    assert "--concurrency" in capsys.readouterr().err
+
+
+def test_concurrencies_arg_reads_numbers_in_order() -> None:
+    """The counts are kept as given, spaces ignored."""
+    assert rig.concurrencies_arg(_parser(), "64, 1", "1,64") == (64, 1)
+
+
+def test_verdict_record_names_bench_and_result() -> None:
+    """A target record carries the bench, its kind, the target and the result."""
+    passed = rig.verdict("hit_p99_c1", True, "fine")
+
+    assert rig.verdict("t", False, "d").result == "FAIL"
+    assert passed.record("cache") == {
+        "bench": "cache",
+        "kind": "target",
+        "target": "hit_p99_c1",
+        "result": "PASS",
+        "detail": "fine",
+    }
+
+
+def test_find_returns_first_match_or_none() -> None:
+    """find matches every given field and returns the first such record."""
+    records = [{"leg": "a", "c": 1}, {"leg": "b", "c": 1}, {"leg": "b", "c": 2}]
+
+    assert rig.find(records, leg="b") is records[1]
+    assert rig.find(records, leg="b", c=2) is records[2]
+    assert rig.find(records, leg="z") is None
+
+
+def test_add_ratios_divides_by_the_base_leg_in_the_group() -> None:
+    """Ratios are against the base leg of the same group; no base gives None."""
+    records: list[rig.Record] = [
+        {"leg": "nginx", "c": 1, "rps": 100.0},
+        {"leg": "sidecar", "c": 1, "rps": 50.0},
+        {"leg": "sidecar", "c": 64, "rps": 80.0},
+    ]
+
+    rig.add_ratios(records, ("rps",), ("nginx", "direct"), c=1)
+
+    assert records[1]["rps_vs_nginx"] == 0.5
+    assert records[1]["rps_vs_direct"] is None
+    assert "rps_vs_nginx" not in records[2]
+
+
+def test_failure_record_has_scenario_only_when_given() -> None:
+    """A failure names its leg, and its scenario when the bench has several."""
+    assert list(rig.failure_record("server", "lean", "gone")) == [
+        "bench", "kind", "leg", "reason",
+    ]
+    assert rig.failure_record("proxy", "all", "x", "sse")["scenario"] == "sse"
+
+
+def test_finish_report_prints_failures_targets_and_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Failed legs, targets, JSON lines and the rerun line; a failure exits 1."""
+    failures = [rig.failure_record("proxy", "sidecar", "died\nlog", "sse")]
+    verdicts = [rig.verdict("t", True, "ok")]
+    path = tmp_path / "out.jsonl"
+
+    status = rig.finish_report(
+        "proxy", [{"kind": "setup"}], failures, verdicts, json_path=path, argv=["-q"]
+    )
+
+    out = capsys.readouterr().out.splitlines()
+    assert status == 1
+    assert out[:6] == [
+        "", "failed legs", "  sidecar (sse): died", "", "targets for the sidecar",
+        "PASS t: ok",
+    ]
+    kinds = [json.loads(line)["kind"] for line in path.read_text().splitlines()]
+    assert kinds == ["setup", "failure", "target"]
+    assert out[-2] == f"wrote 3 JSON lines to {path}"
+    assert out[-1].endswith("-m bench.bench_proxy -q")
+
+
+def test_finish_report_without_failures_or_targets_exits_zero(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A clean run prints no failure or target section and exits 0."""
+    status = rig.finish_report("server", [], [], [], json_path=None, argv=[])
+
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "failed legs" not in out and "targets" not in out
+
+
+def test_finish_report_failed_target_exits_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A FAIL target alone fails the run; a SKIP does not."""
+    skipped = rig.Verdict("s", "SKIP", "n/a")
+
+    assert rig.finish_report("c", [], [], [skipped], json_path=None, argv=[]) == 0
+    failed = [skipped, rig.verdict("t", False, "slow")]
+    assert rig.finish_report("c", [], [], failed, json_path=None, argv=[]) == 1
