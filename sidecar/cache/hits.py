@@ -335,12 +335,18 @@ class QuickHits:
     # -- helpers -------------------------------------------------------------
 
     def _schedule_fold(self) -> None:
-        """Fold once the callbacks of this loop iteration have run."""
+        """Fold after the answers of this loop iteration have been written.
+
+        The server writes quick answers from a callback it schedules once
+        the first is ready, after this one; scheduling the fold from a
+        callback puts it behind that write, so no client waits for the
+        accounting of its own answer.
+        """
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return  # no loop (a direct call): ``fold`` is called by hand
-        loop.call_soon(self.fold)
+        loop.call_soon(loop.call_soon, self.fold)
 
     def _date_field(self) -> bytes:
         """``Date: ...`` and the blank line ending a head, formatted once a second."""

@@ -466,6 +466,21 @@ async def test_answer_on_loop_folds_after_iteration() -> None:
     assert len(rig.calls) == 1 and len(rig.calls[0][3]) == 2
 
 
+async def test_answer_fold_runs_after_the_answers_are_written() -> None:
+    """The tally is folded behind the write the server schedules after an answer."""
+    rig = _Rig()
+    rig.store(_request())
+    order: list[str] = []
+    rig.hits._on_hits = lambda *args: order.append("fold")
+    rig.hit()
+    loop = asyncio.get_running_loop()
+    loop.call_soon(order.append, "write")  # the server's uncork, scheduled next
+    done = loop.create_future()
+    loop.call_soon(loop.call_soon, done.set_result, None)
+    await asyncio.wait_for(done, 5.0)
+    assert order == ["write", "fold"]
+
+
 def test_stats_counts_answers_and_fingerprints() -> None:
     """answered counts quick answers only; stats shows the counters and the bound."""
     rig = _Rig(max_entries=10)
