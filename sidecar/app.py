@@ -117,6 +117,7 @@ class Sidecar:
             on_hits=self._observe_quick_hits,
             max_entries=manifest.cache.memory.max_entries,
             max_header_bytes=manifest.limits.max_header_bytes,
+            fold_by_itself=False,  # the data port folds after its writes
         )
         self.quick_hits.reset(_significant_headers(manifest))
         self.cache_stage = CacheStage(
@@ -388,6 +389,7 @@ class Sidecar:
             self.proxy.handle,
             max_header_bytes=m.limits.max_header_bytes,
             quick=self.quick_hits.answer,
+            after_quick=self.quick_hits.fold,
         )
         admin_runner = web.AppRunner(self._admin_app(), shutdown_timeout=1.0,
                                      handler_cancellation=True)

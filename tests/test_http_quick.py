@@ -364,6 +364,36 @@ async def test_quick_declined_small_request_reaches_the_handler_with_its_body(
     assert (first.body, second.body) == (b"handler:hello", b"handler:")
 
 
+async def test_quick_after_hook_runs_once_the_answers_are_written(
+    serve: Serve, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """after_quick runs after a read's quick answers were handed to the transport."""
+    events: list[str] = []
+
+    def quick(request: Request, body: bytes) -> bytes | None:
+        events.append("answer " + request.raw_path)
+        return framed(request.raw_path.encode())
+
+    server, port = await serve(counting([]), quick)
+    written = 0
+    real_uncork = Connection.uncork
+
+    def uncork(conn: Connection) -> None:
+        nonlocal written
+        real_uncork(conn)
+        written += 1
+        events.append("written")
+
+    server.after_quick = lambda: events.append(f"after ({written} written)")
+    monkeypatch.setattr(Connection, "uncork", uncork)
+    client = await RawClient.open(port)
+    await client.send(get("/q1") + get("/q2"))
+    bodies = [(await client.answer()).body for _ in range(2)]
+    client.close()
+    assert bodies == [b"/q1", b"/q2"]
+    assert events == ["answer /q1", "answer /q2", "written", "after (1 written)"]
+
+
 async def test_body_whole_incomplete_is_none() -> None:
     """``whole`` is None until the body has ended, and for a failed body."""
     body, _ = _body(b"ab", complete=False)

@@ -148,11 +148,15 @@ class QuickHits:
         max_entries: int,
         max_header_bytes: int,
         clock: Callable[[], float] = time.time,
+        fold_by_itself: bool = True,
     ) -> None:
         self._memory = memory
         self._environment = environment
         self._credentials = tuple(h.lower().encode() for h in credential_headers)
         self._on_hits = on_hits
+        # False when the server calls ``fold`` after writing the answers
+        # (``HTTPServer(after_quick=...)``); True to schedule it here.
+        self._fold_by_itself = fold_by_itself
         # Hits answered since the last fold, by (method, route, status).
         self._tally: dict[tuple[str, str, int], _Tally] = {}
         self.max_entries = max(1, max_entries)
@@ -316,7 +320,7 @@ class QuickHits:
         group = (request.method, memo.route, entry.status)
         tally = self._tally.get(group)
         if tally is None:
-            if not self._tally:
+            if not self._tally and self._fold_by_itself:
                 self._schedule_fold()
             tally = self._tally[group] = _Tally()
         tally.durations.append(spent)
