@@ -207,18 +207,26 @@ class JsonFormatter(logging.Formatter):
 
 
 class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """Writes lines in batches: at most one write a loop iteration.
+    """Writes lines in batches, as nginx's buffered access log does.
 
-    Under load the event loop handles many requests per iteration; writing
-    and flushing each access line on its own costs a system call per
-    request. Lines logged while a loop runs are buffered and written by one
-    callback scheduled on that loop; lines logged with no running loop are
-    written at once. Nothing is lost at exit: ``flush()`` writes the buffer.
+    Writing and flushing each access line on its own costs a system call
+    per request, and on a busy host a write can take milliseconds; at low
+    concurrency that lands on the next request. Lines logged while a loop
+    runs are kept and written together ``FLUSH_INTERVAL_S`` later, or at
+    once when ``FLUSH_BYTES`` are waiting, or with a record at WARNING or
+    above (so problems show without delay). Lines logged with no running
+    loop (another thread, start-up) are written at once. Nothing is lost at
+    a normal exit: ``flush()``, which logging calls at shutdown, writes the
+    buffer; a crash loses at most the last interval's lines.
     """
+
+    FLUSH_INTERVAL_S: Final = 0.1
+    FLUSH_BYTES: Final = 64 * 1024
 
     def __init__(self, stream: Any = None) -> None:
         super().__init__(stream)
         self._pending: list[str] = []
+        self._pending_bytes = 0
         self._scheduled = False
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -227,11 +235,15 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
-        self.emit_line(line)
+        self.emit_line(line, urgent=record.levelno >= logging.WARNING)
 
-    def emit_line(self, line: str) -> None:
+    def emit_line(self, line: str, *, urgent: bool = False) -> None:
         """Queue one formatted line (``emit`` without the record)."""
         self._pending.append(line)
+        self._pending_bytes += len(line) + 1
+        if urgent or self._pending_bytes >= self.FLUSH_BYTES:
+            self.flush()
+            return
         if self._scheduled:
             return
         try:
@@ -240,15 +252,17 @@ class BatchingStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.flush()
             return
         self._scheduled = True
-        loop.call_soon(self.flush)
+        loop.call_later(self.FLUSH_INTERVAL_S, self.flush)
 
     def flush(self) -> None:
         self._scheduled = False
-        if self._pending:
-            text = "\n".join(self._pending) + "\n"
-            self._pending.clear()
+        # Swapped, not cleared after the join: a line another thread adds
+        # meanwhile goes into the next batch instead of being lost.
+        pending, self._pending = self._pending, []
+        self._pending_bytes = 0
+        if pending:
             try:
-                self.stream.write(text)
+                self.stream.write("\n".join(pending) + "\n")
             except (OSError, ValueError):
                 return
         super().flush()

@@ -13,6 +13,7 @@ puts it back so the rest of the suite logs as before.
 
 from __future__ import annotations
 
+import asyncio
 import calendar
 import io
 import json
@@ -306,3 +307,55 @@ def test_access_line_json_ts_is_current_time() -> None:
         "event": "http.request",
         "route": "chat",
     }
+
+
+# -- batching -------------------------------------------------------------------
+
+
+async def test_batching_holds_lines_for_the_interval_under_a_loop() -> None:
+    """Under a running loop a line waits for the timed flush, then is written."""
+    buf = io.StringIO()
+    handler = log.BatchingStreamHandler(buf)
+    flushed = asyncio.get_running_loop().create_future()
+    real_flush = handler.flush
+
+    def flush() -> None:
+        real_flush()
+        if not flushed.done():
+            flushed.set_result(None)
+
+    handler.flush = flush  # type: ignore[method-assign]
+    handler.emit_line("one")
+    handler.emit_line("two")
+    assert buf.getvalue() == ""
+    await asyncio.wait_for(flushed, 5.0)
+    assert buf.getvalue() == "one\ntwo\n"
+
+
+async def test_batching_writes_a_warning_at_once() -> None:
+    """A record at WARNING or above is written with what waits before it."""
+    buf = io.StringIO()
+    handler = log.BatchingStreamHandler(buf)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.emit_line("queued")
+    handler.emit(logging.LogRecord("sidecar.x", logging.WARNING, "", 0, "urgent", None, None))
+    assert buf.getvalue() == "queued\nurgent\n"
+
+
+async def test_batching_writes_at_once_past_the_byte_bound() -> None:
+    """Lines past FLUSH_BYTES are written without waiting for the interval."""
+    buf = io.StringIO()
+    handler = log.BatchingStreamHandler(buf)
+    line = "x" * 1000
+    count = handler.FLUSH_BYTES // (len(line) + 1) + 1
+    for _ in range(count):
+        handler.emit_line(line)
+    assert buf.getvalue() == (line + "\n") * count
+
+
+def test_batching_without_a_loop_writes_at_once() -> None:
+    """With no running loop (start-up, another thread) a line is written at once."""
+    buf = io.StringIO()
+    handler = log.BatchingStreamHandler(buf)
+    handler.emit_line("now")
+    assert buf.getvalue() == "now\n"
