@@ -282,30 +282,16 @@ def access_line(fields: dict[str, Any], event: str = "http.request") -> None:
     without building a LogRecord or walking the handler chain, which was
     most of an access line's cost. Otherwise it goes through ``logging``.
     """
-    access_lines((fields.items(),), event)
-
-
-def access_lines(
-    rows: Iterable[Iterable[tuple[str, Any]]], event: str = "http.request"
-) -> None:
-    """``access_line`` for several requests, in order, checking the route once.
-
-    Each row is one line's fields as ``(name, value)`` pairs, in order.
-    """
     if not access.isEnabledFor(logging.INFO):
         return
-    handler = _direct
-    if handler is None or not _direct_route(handler):
-        for fields in rows:
-            access.info(event, extra=dict(fields))
+    direct = _direct_output()
+    if direct is None:
+        access.info(event, extra=fields)
         return
-    formatter = handler.formatter
-    assert isinstance(formatter, (TextFormatter, JsonFormatter))
-    now = time.time()
-    name = access.name
-    emit = handler.emit_line
-    for fields in rows:
-        emit(formatter.format_event(now, "INFO", name, event, fields))
+    handler, formatter = direct
+    handler.emit_line(
+        formatter.format_event(time.time(), "INFO", access.name, event, fields.items())
+    )
 
 
 def access_group(
@@ -314,25 +300,34 @@ def access_group(
     tail: Sequence[tuple[str, Any]] = (),
     event: str = "http.request",
 ) -> None:
-    """``access_lines`` for rows that share their first and last fields.
+    """``access_line`` for rows that share their first and last fields.
 
     Line ``i`` has the fields ``head + rows[i] + tail``; the shared parts
     (and, in text, the timestamp) are formatted once for all of them.
     """
     if not access.isEnabledFor(logging.INFO):
         return
-    handler = _direct
-    if handler is None or not _direct_route(handler):
+    direct = _direct_output()
+    if direct is None:
         for row in rows:
             access.info(event, extra=dict([*head, *row, *tail]))
         return
-    formatter = handler.formatter
-    assert isinstance(formatter, (TextFormatter, JsonFormatter))
+    handler, formatter = direct
     emit = handler.emit_line
     for line in formatter.format_group(
         time.time(), "INFO", access.name, event, head, rows, tail
     ):
         emit(line)
+
+
+def _direct_output() -> tuple[BatchingStreamHandler, TextFormatter | JsonFormatter] | None:
+    """The handler and formatter access lines may go to directly, or None."""
+    handler = _direct
+    if handler is None or not _direct_route(handler):
+        return None
+    formatter = handler.formatter
+    assert isinstance(formatter, (TextFormatter, JsonFormatter))
+    return handler, formatter
 
 
 def _direct_route(handler: BatchingStreamHandler) -> bool:

@@ -289,12 +289,7 @@ class Connection(asyncio.Protocol):
         quick = self._server.quick
         assert quick is not None
         pending = self._pending
-        while (
-            pending
-            and not self.write_paused
-            and not self.closing
-            and self._corked_bytes < CORK_BYTES
-        ):
+        while pending and self._can_cork():
             request = pending[0]
             if (
                 type(request) is not Request
@@ -323,9 +318,16 @@ class Connection(asyncio.Protocol):
             self._server.quick is not None
             and self._active is None
             and not self._pending
-            and not self.write_paused
-            and not self.closing
             and not self._no_more
+            and self._can_cork()
+        )
+
+    def _can_cork(self) -> bool:
+        """Whether another quick answer may be held: the client keeps up,
+        no close is pending and fewer than ``CORK_BYTES`` are held."""
+        return (
+            not self.write_paused
+            and not self.closing
             and self._corked_bytes < CORK_BYTES
         )
 
